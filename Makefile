@@ -1,0 +1,71 @@
+# CAVE developer commands; `make` alone lists them.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := bubblewrap libseccomp2 libseccomp-dev iproute2
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+TYPED_PACKAGES := cave actors config cluster
+
+.PHONY: help install system-deps run down test lint bench clean
+
+help: ## List the targets with a one-line description
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) \
+		| awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: system-deps $(STAMP) ## Install system packages and the venv with dev tools (idempotent)
+
+system-deps: ## Install the missing Debian packages (bubblewrap, libseccomp, iproute2)
+	@missing=""; \
+	for pkg in $(APT_PACKAGES); do \
+		dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y --no-install-recommends $$missing \
+			|| { $(SUDO) apt-get update && \
+			     $(SUDO) apt-get install -y --no-install-recommends $$missing; }; \
+	fi
+
+$(BIN)/python:
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+run: install ## Start a local Ray cluster with CAVE and print its address
+	$(BIN)/cave up
+
+down: ## Stop the local cluster started by `make run`
+	$(BIN)/cave down
+
+test: install ## Lint, type-check and run the test suite
+	@rc=0; \
+	$(BIN)/ruff check . || rc=1; \
+	$(BIN)/mypy $(TYPED_PACKAGES) || rc=1; \
+	$(BIN)/pytest || rc=1; \
+	exit $$rc
+
+lint: install ## ruff check, ruff format --check and mypy
+	@rc=0; \
+	$(BIN)/ruff check . || rc=1; \
+	$(BIN)/ruff format --check . || rc=1; \
+	$(BIN)/mypy $(TYPED_PACKAGES) || rc=1; \
+	exit $$rc
+
+bench: install ## Run every bench/*.py with the venv python
+	@for script in bench/*.py; do \
+		[ -e "$$script" ] || continue; \
+		echo "== $$script"; \
+		$(BIN)/python "$$script"; \
+	done
+
+clean: ## Remove caches and build leftovers (keeps .venv)
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+	rm -rf .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

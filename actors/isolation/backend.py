@@ -1,0 +1,110 @@
+"""Which isolation this node can give (namespaces, bubblewrap, or degraded), probed once and shared by its sandboxes."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from actors.isolation.cgroups import CgroupDriver, open_driver
+from actors.isolation.native.build import ensure_exec_helper
+from actors.isolation.rootfs import ensure_host_base
+from actors.isolation.seccomp_policy import compile_policy
+from cave.errors import CaveError, IsolationUnavailableError
+from config.settings import IsolationSettings
+
+log = logging.getLogger("cave.isolation")
+
+PR_SET_CHILD_SUBREAPER = 36
+_PROBE = (
+    "import os; from actors.isolation import syscalls as sc;"
+    "sc.unshare(sc.CLONE_NEWNS|sc.CLONE_NEWPID|sc.CLONE_NEWNET|sc.CLONE_NEWIPC|sc.CLONE_NEWUTS);"
+    "pid=os.fork();\nif pid==0: sc.unshare(sc.CLONE_NEWUSER); os._exit(0)\n"
+    "os._exit(os.waitstatus_to_exitcode(os.waitpid(pid,0)[1]))"
+)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "builtin" | "none" (degraded)
+    isolated: bool
+    state_dir: Path
+    base: Path
+    host_binds: tuple[str, ...]
+    sandbox_uid: int
+    cgroups: CgroupDriver | None
+    exec_helper: Path
+    seccomp_bpf: bytes | None
+
+
+def namespaces_work() -> bool:
+    """Can this process create the sandbox namespaces? Probed in a child so a failure costs nothing."""
+    root = str(Path(__file__).resolve().parents[2])
+    probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=root, capture_output=True,
+                           env={"PYTHONPATH": root}, timeout=30)
+    overlay = "overlay" in Path("/proc/filesystems").read_text()
+    return probe.returncode == 0 and overlay
+
+
+@cache
+def _warn_degraded(reason: str) -> None:
+    banner = "!" * 78
+    log.warning("%s\nCAVE IS RUNNING SANDBOXES WITHOUT ISOLATION: %s\n"
+                "Untrusted code can read and change this host. Set CAVE_ISOLATION_NO_FALLBACK=true "
+                "to refuse instead.\n%s", banner, reason, banner)
+
+
+def select_backend(settings: IsolationSettings) -> Backend:
+    _become_subreaper()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    helper = ensure_exec_helper(settings.state_dir)
+    reason = "CAVE_ISOLATION_BACKEND=none"
+    if settings.backend != "none":
+        try:
+            return _builtin(settings, helper)
+        except CaveError as exc:
+            reason = str(exc)
+    if settings.no_fallback:
+        raise IsolationUnavailableError(f"cannot isolate sandboxes: {reason} "
+                                        "(CAVE_ISOLATION_NO_FALLBACK=true)")
+    _warn_degraded(reason)
+    return Backend("none", False, settings.state_dir, settings.state_dir, (),
+                   settings.sandbox_uid, _cgroups_or_none(settings), helper, _seccomp_or_none())
+
+
+def _builtin(settings: IsolationSettings, helper: Path) -> Backend:
+    if not namespaces_work():
+        raise IsolationUnavailableError("the namespaces needed (user, pid, mount, net, ipc, uts) "
+                                        "or OverlayFS are not available to this process")
+    if settings.rootfs is not None:
+        base, binds = settings.rootfs, ()
+    else:
+        base, binds = ensure_host_base(settings.state_dir)
+    return Backend("builtin", True, settings.state_dir, base, binds, settings.sandbox_uid,
+                   open_driver(settings.cgroup_root), helper, compile_policy())
+
+
+def _seccomp_or_none() -> bytes | None:
+    try:
+        return compile_policy()
+    except CaveError as exc:
+        log.warning("no seccomp filter for sandboxes: %s", exc)
+        return None
+
+
+def _cgroups_or_none(settings: IsolationSettings) -> CgroupDriver | None:
+    try:
+        return open_driver(settings.cgroup_root)
+    except CaveError as exc:
+        log.warning("no cgroups for sandboxes (%s): memory, pids and CPU are not limited", exc)
+        return None
+
+
+def _become_subreaper() -> None:
+    # Each zygote outlives the launcher that forked it; as subreaper this process inherits and
+    # reaps it instead of leaving zombies to the host's init.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

@@ -1,0 +1,140 @@
+"""One exec from the host side: pipes handed to the zygote, output read as it comes and capped per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from actors.isolation.channel import Channel
+from actors.isolation.results import ExecResult, OutputChunk
+from cave.errors import InvalidArgumentError, QuotaExceededError, SandboxError
+
+READ_BYTES = 65536
+EAGAIN = 11
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    stdin: bytes | None
+    timeout_s: float
+    output_bytes: int
+
+
+class _Stream:
+    """Reads one pipe; keeps what fits under the cap, counts the rest, never blocks the writer."""
+
+    def __init__(self, name: str, fd: int, cap: int, queue: asyncio.Queue[OutputChunk | None]):
+        self.name, self.fd, self.cap, self.queue = name, fd, cap, queue
+        self.total = 0
+        self.eof = asyncio.get_running_loop().create_future()
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, READ_BYTES)
+        except BlockingIOError:
+            return
+        if not data:
+            self.close()
+            return
+        kept = data[: max(0, self.cap - self.total)]
+        self.total += len(data)
+        if kept:
+            self.queue.put_nowait(OutputChunk(self.name, kept))
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.cap
+
+    def close(self) -> None:
+        if not self.eof.done():
+            asyncio.get_running_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.eof.set_result(None)
+            self.queue.put_nowait(None)
+
+
+async def run_exec(channel: Channel, req: ExecRequest,
+                   oom_count: Callable[[], int]) -> AsyncIterator[OutputChunk | ExecResult]:
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    exec_id = channel.next_id()
+    exited = channel.expect(exec_id)
+    ooms_before = oom_count()
+    started = time.monotonic()
+    try:
+        await channel.send({"op": "exec", "id": exec_id, "argv": req.argv, "env": req.env,
+                            "cwd": req.cwd, "timeout_s": req.timeout_s}, [stdin_r, out_w, err_w])
+    finally:
+        for fd in (stdin_r, out_w, err_w):
+            os.close(fd)
+    queue: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
+    streams = [_Stream("stdout", out_r, req.output_bytes, queue),
+               _Stream("stderr", err_r, req.output_bytes, queue)]
+    feeder = asyncio.ensure_future(_feed_stdin(stdin_w, req.stdin))
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            chunk = await queue.get()
+            if chunk is None:
+                open_streams -= 1
+            else:
+                yield chunk
+        reply, _ = await exited
+    finally:
+        feeder.cancel()
+        for stream in streams:
+            stream.close()
+    yield _result(reply, streams, started, ooms_before, oom_count())
+
+
+def _result(reply: dict, streams: list[_Stream], started: float, ooms_before: int,
+            ooms_after: int) -> ExecResult:
+    if "error" in reply:
+        if reply.get("errno") == EAGAIN:
+            raise QuotaExceededError(f"cannot start the command: {reply['error']} "
+                                     "(the sandbox's process limit is reached)")
+        if reply.get("errno") == 2:
+            raise InvalidArgumentError(str(reply["error"]))
+        raise SandboxError(f"cannot start the command: {reply['error']}")
+    code = int(reply["exit_code"])
+    return ExecResult(
+        exit_code=code,
+        duration_ms=(time.monotonic() - started) * 1000,
+        timed_out=bool(reply["timed_out"]),
+        oom_killed=code == 137 and ooms_after > ooms_before,
+        truncated=any(s.truncated for s in streams),
+        stdout_bytes=streams[0].total,
+        stderr_bytes=streams[1].total,
+    )
+
+
+async def _feed_stdin(fd: int, data: bytes | None) -> None:
+    """Write stdin without blocking the actor; a command that never reads it just never gets it."""
+    loop = asyncio.get_running_loop()
+    try:
+        if data:
+            os.set_blocking(fd, False)
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    ready = loop.create_future()
+                    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_writer(fd)
+    except (BrokenPipeError, asyncio.CancelledError):
+        pass
+    finally:
+        os.close(fd)

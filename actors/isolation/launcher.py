@@ -1,0 +1,133 @@
+"""Standby process that becomes a sandbox: joins the cgroup, unshares namespaces, mounts the root, forks the zygote.
+
+Started ahead of time (warm) by the host side with the control socket on the fd named in argv; it
+waits for one `setup` message. Run with `python -m actors.isolation.launcher FD`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+from typing import Any, NoReturn
+
+from actors.isolation import protocol, rootfs
+from actors.isolation.sandbox_files import WORKSPACE
+from actors.isolation import syscalls as sc
+from actors.isolation.zygote import Zygote
+
+# Unshared by the zygote itself: the launcher must stay in the host's mount namespace, where
+# /proc still shows the zygote for writing its uid map after the zygote has pivoted its root.
+CHILD_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWNET | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+
+
+def _high_fd(fd: int) -> int:
+    """Move fd above the numbers that posix_spawn's dup2 actions overwrite (0-3)."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)
+    os.close(fd)
+    return high
+
+
+def _seccomp_memfd(setup: dict[str, Any]) -> int:
+    """The seccomp program (compiled by the host side) in a memfd that cave-exec reads; -1 for none."""
+    if not setup.get("seccomp_bpf"):
+        return -1
+    fd = os.memfd_create("cave-seccomp", os.MFD_CLOEXEC)
+    os.write(fd, bytes.fromhex(setup["seccomp_bpf"]))
+    return _high_fd(fd)
+
+
+def main() -> NoReturn:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    sock.set_inheritable(False)
+    protocol.send(sock, {"op": "standby", "pid": os.getpid()})
+    setup, _ = protocol.recv(sock)
+    if setup is None:
+        os._exit(0)
+    try:
+        if setup["isolated"]:
+            _launch_isolated(sock, setup)
+        _launch_degraded(sock, setup)
+    except Exception as exc:  # report, never hang the host side waiting for `ready`
+        protocol.send(sock, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        os._exit(1)
+
+
+def _join_cgroup(setup: dict[str, Any]) -> None:
+    for procs in setup["cgroup_procs"]:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def _launch_isolated(sock: socket.socket, setup: dict[str, Any]) -> NoReturn:
+    _join_cgroup(setup)
+    os.setgroups([])
+    sc.unshare(sc.CLONE_NEWPID | (sc.CLONE_NEWCGROUP if setup["cgroup_procs"] else 0))
+    to_parent_r, to_parent_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_parent_r)
+        os.close(to_child_w)
+        _become_zygote(sock, setup, to_parent_w, to_child_r)
+    os.close(to_parent_w)
+    os.close(to_child_r)
+    protocol.send(sock, {"op": "spawned", "pid": pid})
+    if os.read(to_parent_r, 1) == b"u":  # the child has its user namespace; map its root
+        _write_id_maps(pid, int(setup["uid"]))
+        os.write(to_child_w, b"m")
+    os._exit(0)
+
+
+def _write_id_maps(pid: int, uid: int) -> None:
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"0 {uid} 1\n")
+
+
+def _become_zygote(sock: socket.socket, setup: dict[str, Any], to_parent: int,
+                   from_parent: int) -> NoReturn:
+    try:
+        # Opened before pivot_root: afterwards the host path is gone, /proc/self/fd/N still runs it.
+        helper_fd = _high_fd(os.open(setup["exec_helper"], os.O_RDONLY | os.O_CLOEXEC))
+        bpf_fd = _seccomp_memfd(setup)
+        sc.unshare(CHILD_NAMESPACES)
+        rootfs.assemble(rootfs.RootfsSpec(**setup["rootfs"]))
+        # The user namespace comes last: mount, net, uts and ipc namespaces stay owned by the
+        # host's user namespace, so even the zygote's capabilities cannot remount or reconfigure them.
+        sc.unshare(sc.CLONE_NEWUSER)
+        os.write(to_parent, b"u")
+        if os.read(from_parent, 1) != b"m":
+            raise RuntimeError("the launcher did not map the sandbox user")
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        os.close(to_parent)
+        os.close(from_parent)
+    except Exception as exc:
+        protocol.send(sock, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        os._exit(1)
+    protocol.send(sock, {"op": "ready"})
+    Zygote(sock, f"/proc/self/fd/{helper_fd}", bpf_fd, workspace=WORKSPACE).serve()
+
+
+def _launch_degraded(sock: socket.socket, setup: dict[str, Any]) -> NoReturn:
+    """No namespaces: the zygote runs on the host as the sandbox uid, in its own directory."""
+    _join_cgroup(setup)
+    bpf_fd = _seccomp_memfd(setup)
+    uid = int(setup["uid"])
+    workspace = os.path.join(setup["rootfs"]["sandbox_dir"], "workspace")
+    os.makedirs(workspace, exist_ok=True)
+    os.chown(workspace, uid, uid)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    protocol.send(sock, {"op": "spawned", "pid": os.getpid()})
+    protocol.send(sock, {"op": "ready"})
+    Zygote(sock, setup["exec_helper"], bpf_fd, isolated=False, workspace=workspace).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Host side of one sandbox: starts it from a warm standby process, runs commands, moves files, tears down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from actors.isolation import protocol
+from actors.isolation.backend import Backend
+from actors.isolation.cgroups import CgroupLimits, SandboxCgroup
+from actors.isolation.channel import Channel
+from actors.isolation.exec_stream import ExecRequest, run_exec
+from actors.isolation.file_ops import FileOps
+from actors.isolation.results import ExecResult, OutputChunk
+from actors.isolation.rootfs import RootfsSpec
+from cave.errors import InvalidArgumentError, SandboxError, SandboxStateError
+from config.settings import SandboxLimits
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+SHM_BYTES_MAX = 64 << 20
+START_TIMEOUT_S = 30.0
+
+
+class Sandbox:
+    """One sandbox on this host. States: standby -> running -> stopped (or failed)."""
+
+    def __init__(self, backend: Backend, sandbox_id: str | None = None) -> None:
+        self.id = sandbox_id or uuid.uuid4().hex
+        self.backend = backend
+        self.state = "standby"
+        self.limits: SandboxLimits | None = None
+        self.failure: str | None = None
+        self._channel: Channel | None = None
+        self._events: asyncio.Queue[protocol.Message] = asyncio.Queue()
+        self._cgroup: SandboxCgroup | None = None
+        self._zygote_pid: int | None = None
+        self._launcher: subprocess.Popen[bytes] | None = None
+        self.files = FileOps(self._require_channel)
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.backend.state_dir / "sandboxes" / self.id
+
+    async def prepare(self) -> None:
+        """Start the standby launcher: Python started and seccomp compiled, waiting for limits."""
+        host_sock, sandbox_sock = protocol.socket_pair()
+        self._launcher = subprocess.Popen(
+            [sys.executable, "-m", "actors.isolation.launcher", str(sandbox_sock.fileno())],
+            pass_fds=(sandbox_sock.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, cwd=_PACKAGE_ROOT,
+            env={"PYTHONPATH": _PACKAGE_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+        sandbox_sock.close()
+        self._channel = Channel(host_sock, self._events.put_nowait)
+        await self._expect("standby")
+
+    async def start(self, limits: SandboxLimits) -> None:
+        if self.state != "standby":
+            raise SandboxStateError(f"sandbox {self.id} is {self.state}, cannot start")
+        if self._channel is None:
+            await self.prepare()
+        self.limits = limits
+        try:
+            await self._start(limits)
+        except BaseException as exc:
+            self.failure = str(exc)
+            await self.stop()
+            self.state = "failed"
+            raise
+        self.state = "running"
+
+    async def _start(self, limits: SandboxLimits) -> None:
+        self.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        if self.backend.cgroups is not None:
+            self._cgroup = self.backend.cgroups.create(
+                self.id, CgroupLimits(limits.memory_mb << 20, limits.pids, limits.cpu))
+        assert self._channel is not None
+        await self._channel.send({
+            "op": "setup",
+            "isolated": self.backend.isolated,
+            "uid": self.backend.sandbox_uid,
+            "cgroup_procs": self._cgroup.procs_files() if self._cgroup else [],
+            "exec_helper": str(self.backend.exec_helper),
+            "seccomp_bpf": self.backend.seccomp_bpf.hex() if self.backend.seccomp_bpf else None,
+            "rootfs": RootfsSpec(
+                base=str(self.backend.base), sandbox_dir=str(self.sandbox_dir),
+                disk_bytes=limits.disk_mb << 20, shm_bytes=min(SHM_BYTES_MAX, limits.disk_mb << 20),
+                uid=self.backend.sandbox_uid, hostname=f"cave-{self.id[:12]}",
+                host_binds=self.backend.host_binds,
+            ).__dict__,
+        })
+        spawned = await self._expect("spawned")
+        self._zygote_pid = int(spawned["pid"])
+        await self._expect("ready")
+        self._reap_launcher()
+
+    async def _expect(self, op: str) -> protocol.Message:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                event = await asyncio.wait_for(self._events.get(), max(remaining, 0.001))
+            except TimeoutError:
+                raise SandboxError(f"sandbox {self.id}: no {op!r} within {START_TIMEOUT_S}s") from None
+            if event.get("op") == op:
+                return event
+            if event.get("op") in ("failed", "closed"):
+                raise SandboxError(f"sandbox {self.id} failed to start: "
+                                   f"{event.get('error', 'the launcher exited')}")
+
+    def _reap_launcher(self) -> None:
+        if self._launcher is not None and not self.backend.isolated:
+            return  # degraded: the launcher is the zygote
+        if self._launcher is not None:
+            try:
+                self._launcher.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _require_channel(self) -> Channel:
+        if self.state != "running" or self._channel is None or self._channel.closed:
+            if self.state == "running":
+                self.state, self.failure = "failed", "the sandbox init process exited"
+            raise SandboxStateError(f"sandbox {self.id} is {self.state}")
+        return self._channel
+
+    async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
+                   cwd: str | None = None, stdin: bytes | None = None,
+                   timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
+        """Run one command; yields output chunks as they come, then the ExecResult."""
+        if not argv or not all(isinstance(a, str) and a for a in argv[:1]):
+            raise InvalidArgumentError("argv must be a non-empty list of strings")
+        channel = self._require_channel()
+        assert self.limits is not None
+        timeout = self.limits.timeout_s if timeout_s is None else timeout_s
+        if timeout <= 0 or timeout > self.limits.timeout_s:
+            raise InvalidArgumentError(
+                f"timeout_s must be in (0, {self.limits.timeout_s}], got {timeout}")
+        request = ExecRequest(argv, env or {}, cwd, stdin, timeout, self.limits.output_bytes)
+        async for item in run_exec(channel, request, self._oom_count):
+            yield item
+
+    def _oom_count(self) -> int:
+        return self._cgroup.oom_kill_count() if self._cgroup else 0
+
+    async def stop(self) -> None:
+        """Kill every process, release cgroup, mounts and directories. Idempotent."""
+        if self.state == "stopped":
+            return
+        self.state = "stopped"
+        if self._channel is not None:
+            self._channel.close()
+        await self._kill_zygote()
+        if self._launcher is not None and self._launcher.poll() is None:
+            self._launcher.kill()
+            self._launcher.wait()
+        if self._cgroup is not None:
+            await asyncio.to_thread(self._cgroup.destroy)
+        shutil.rmtree(self.sandbox_dir, ignore_errors=True)
+
+    async def _kill_zygote(self) -> None:
+        pid = self._zygote_pid
+        if pid is None or (self._launcher is not None and pid == self._launcher.pid):
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            await _wait_readable(pidfd)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # not our child: the host init reaps it
+                pass
+        finally:
+            os.close(pidfd)
+
+
+async def _wait_readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)

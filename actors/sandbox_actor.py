@@ -1,0 +1,139 @@
+"""SandboxActor: one Ray actor per sandbox, a thin Ray shell around the plain `Sandbox` of actors/isolation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import cache
+
+import ray
+
+from actors.isolation.backend import Backend, select_backend
+from actors.isolation.results import ExecResult, FileEntry, OutputChunk
+from actors.isolation.sandbox import Sandbox
+from cave.errors import InvalidArgumentError, SandboxStateError
+from config.settings import IsolationSettings, SandboxLimits
+
+SHELL = "/bin/sh"
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    id: str
+    state: str  # created | running | stopped | failed
+    node_id: str
+    backend: str
+    limits: SandboxLimits | None
+    created_at: float
+    failure: str | None = None
+
+
+@cache
+def _backend(settings: IsolationSettings) -> Backend:
+    return select_backend(settings)
+
+
+def command_argv(command: str | list[str]) -> list[str]:
+    """A shell string runs under /bin/sh -c; a list is the argv itself."""
+    if isinstance(command, str):
+        if not command.strip():
+            raise InvalidArgumentError("command must not be empty")
+        return [SHELL, "-c", command]
+    if not command or not all(isinstance(a, str) for a in command) or not command[0]:
+        raise InvalidArgumentError("command must be a non-empty list of strings")
+    return list(command)
+
+
+class SandboxService:
+    """Everything the actor does, without Ray, so that it is testable on its own."""
+
+    def __init__(self, isolation: IsolationSettings) -> None:
+        self._sandbox = Sandbox(_backend(isolation))
+        self._created_at = time.time()
+        self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+    async def prepare(self) -> None:
+        await self._sandbox.prepare()
+
+    async def start(self, sandbox_id: str, limits: SandboxLimits) -> SandboxInfo:
+        self._sandbox.id = sandbox_id
+        self._created_at = time.time()
+        await self._sandbox.start(limits)
+        return self.info()
+
+    def info(self) -> SandboxInfo:
+        sb = self._sandbox
+        state = "created" if sb.state == "standby" else sb.state
+        return SandboxInfo(sb.id, state, self._node_id, sb.backend.name, sb.limits,
+                           self._created_at, sb.failure)
+
+    async def exec(self, command: str | list[str], env: dict[str, str] | None = None,
+                   cwd: str | None = None, stdin: bytes | None = None,
+                   timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
+        async for item in self._sandbox.exec(command_argv(command), env=env, cwd=cwd,
+                                             stdin=stdin, timeout_s=timeout_s):
+            yield item
+
+    async def write_file(self, path: str, data: bytes) -> int:
+        return await self._sandbox.files.write(path, data)
+
+    async def read_file(self, path: str) -> bytes:
+        return await self._sandbox.files.read(path)
+
+    async def list_files(self, path: str = "") -> list[FileEntry]:
+        return await self._sandbox.files.list(path)
+
+    async def delete_file(self, path: str, recursive: bool = False) -> None:
+        await self._sandbox.files.delete(path, recursive)
+
+    async def stop(self) -> SandboxInfo:
+        if self._sandbox.state == "standby":
+            raise SandboxStateError(f"sandbox {self._sandbox.id} was never started")
+        await self._sandbox.stop()
+        return self.info()
+
+    async def discard(self) -> None:
+        """Tear down whatever exists (a standby launcher included); used before the actor is killed."""
+        await self._sandbox.stop()
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class SandboxActor:
+    """Ray shell: each method delegates to SandboxService; exec is a streaming generator."""
+
+    def __init__(self, isolation: IsolationSettings) -> None:
+        self._service = SandboxService(isolation)
+
+    async def prepare(self) -> None:
+        await self._service.prepare()
+
+    async def start(self, sandbox_id: str, limits: SandboxLimits) -> SandboxInfo:
+        return await self._service.start(sandbox_id, limits)
+
+    def info(self) -> SandboxInfo:
+        return self._service.info()
+
+    async def exec(self, command: str | list[str], env: dict[str, str] | None = None,
+                   cwd: str | None = None, stdin: bytes | None = None,
+                   timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
+        async for item in self._service.exec(command, env, cwd, stdin, timeout_s):
+            yield item
+
+    async def write_file(self, path: str, data: bytes) -> int:
+        return await self._service.write_file(path, data)
+
+    async def read_file(self, path: str) -> bytes:
+        return await self._service.read_file(path)
+
+    async def list_files(self, path: str = "") -> list[FileEntry]:
+        return await self._service.list_files(path)
+
+    async def delete_file(self, path: str, recursive: bool = False) -> None:
+        await self._service.delete_file(path, recursive)
+
+    async def stop(self) -> SandboxInfo:
+        return await self._service.stop()
+
+    async def discard(self) -> None:
+        await self._service.discard()

@@ -1,0 +1,103 @@
+"""Ray-side sandbox lifecycle for code in the cluster: create on a node (from its warm pool), find, exec, stop."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ray
+from ray.actor import ActorHandle
+
+from actors.directory import DIRECTORY_NAME, SandboxDirectory
+from actors.isolation.results import ExecResult, OutputChunk
+from actors.sandbox_actor import SandboxInfo
+from actors.warm_pool import NAMESPACE, WarmPool, pinned, pool_name
+from cave.errors import CapacityError
+from config.settings import LimitOverrides, Settings, resolve_limits
+
+
+def _directory() -> ActorHandle:
+    return SandboxDirectory.options(name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True,
+                                    lifetime="detached").remote()
+
+
+def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
+    return WarmPool.options(name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True,
+                            lifetime="detached", **pinned(node_id)).remote(
+        node_id, settings.isolation, settings.pool.size_per_node)
+
+
+def choose_node(node_id: str | None = None) -> str:
+    """The given node if alive, else this driver's node when alive, else the first alive node."""
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    if node_id is not None:
+        if node_id not in alive:
+            raise CapacityError(f"node {node_id} is not an alive node of this cluster")
+        return node_id
+    here = ray.get_runtime_context().get_node_id()
+    if here in alive:
+        return here
+    if not alive:
+        raise CapacityError("the cluster has no alive node")
+    return alive[0]
+
+
+@dataclass
+class SandboxHandle:
+    """A started sandbox, from a driver or another actor: sync helpers over the actor handle."""
+
+    id: str
+    node_id: str
+    actor: ActorHandle
+
+    def exec_stream(self, command: str | list[str], **kwargs: object
+                    ) -> Iterator[OutputChunk | ExecResult]:
+        for ref in self.actor.exec.remote(command, **kwargs):
+            yield ray.get(ref)
+
+    def run(self, command: str | list[str], **kwargs: object) -> tuple[bytes, bytes, ExecResult]:
+        """Run to completion; (stdout, stderr, result)."""
+        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        for item in self.exec_stream(command, **kwargs):
+            if isinstance(item, ExecResult):
+                return b"".join(out["stdout"]), b"".join(out["stderr"]), item
+            out[item.stream].append(item.data)
+        raise RuntimeError("exec ended without a result")
+
+    def info(self) -> SandboxInfo:
+        return ray.get(self.actor.info.remote())
+
+    def stop(self) -> SandboxInfo:
+        return stop_sandbox(self.id)
+
+
+def create_sandbox(settings: Settings, overrides: LimitOverrides | None = None,
+                   node_id: str | None = None, sandbox_id: str | None = None) -> SandboxHandle:
+    limits = resolve_limits(overrides, settings)  # bad limits fail before any actor is touched
+    node = choose_node(node_id)
+    actor = ray.get(warm_pool(node, settings).acquire.remote())
+    sandbox_id = sandbox_id or uuid.uuid4().hex
+    try:
+        ray.get(actor.start.remote(sandbox_id, limits))
+    except BaseException:
+        ray.kill(actor)
+        raise
+    ray.get(_directory().register.remote(sandbox_id, actor, node))
+    return SandboxHandle(sandbox_id, node, actor)
+
+
+def get_sandbox(sandbox_id: str) -> SandboxHandle:
+    actor, node = ray.get(_directory().lookup.remote(sandbox_id))
+    return SandboxHandle(sandbox_id, node, actor)
+
+
+def stop_sandbox(sandbox_id: str) -> SandboxInfo:
+    """Stop the sandbox, release everything it held, and end its actor."""
+    handle = get_sandbox(sandbox_id)
+    try:
+        info = ray.get(handle.actor.stop.remote())
+    finally:
+        ray.get(_directory().remove.remote(sandbox_id))
+        ray.kill(handle.actor)
+    return info

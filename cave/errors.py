@@ -1,0 +1,120 @@
+"""The one exception tree of CAVE; every layer raises these, only `deployments/` maps them to HTTP.
+
+```
+CaveError
+ ├─ ConfigError                      (start-up: a malformed setting, names the variable)
+ ├─ InvalidArgumentError ── LimitExceededError, InvalidPathError
+ ├─ NotFoundError ── SandboxNotFoundError
+ ├─ ConflictError ── SandboxStateError
+ ├─ QuotaExceededError ── CapacityError
+ ├─ AuthError ── TokenExpiredError, TokenRevokedError, NamespaceMismatchError
+ ├─ SandboxError ── SandboxTimeoutError, IsolationUnavailableError
+ └─ InferenceUnavailableError
+```
+
+Every error passes all its constructor arguments to `super().__init__` so that it pickles across
+Ray processes unchanged (the Ray Serve habit).
+"""
+
+from __future__ import annotations
+
+
+class CaveError(Exception):
+    """Base of every error CAVE raises on purpose."""
+
+    code = "cave_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(CaveError):
+    """A setting is malformed; raised at start-up, the message names the variable."""
+
+    code = "config_error"
+
+
+class InvalidArgumentError(CaveError):
+    """The caller passed something that can never work (negative limit, bad path, ...)."""
+
+    code = "invalid_argument"
+
+
+class LimitExceededError(InvalidArgumentError):
+    """A requested per-sandbox limit is above the configured maximum."""
+
+    code = "limit_exceeded"
+
+
+class InvalidPathError(InvalidArgumentError):
+    """A file path leaves the sandbox workspace (`..`, absolute escape, symlink escape)."""
+
+    code = "invalid_path"
+
+
+class NotFoundError(CaveError):
+    code = "not_found"
+
+
+class SandboxNotFoundError(NotFoundError):
+    code = "sandbox_not_found"
+
+
+class ConflictError(CaveError):
+    code = "conflict"
+
+
+class SandboxStateError(ConflictError):
+    """The operation is not allowed in the sandbox's current state (e.g. exec after stop)."""
+
+    code = "sandbox_state"
+
+
+class QuotaExceededError(CaveError):
+    code = "quota_exceeded"
+
+
+class CapacityError(QuotaExceededError):
+    """No node has room for another sandbox."""
+
+    code = "capacity"
+
+
+class AuthError(CaveError):
+    code = "unauthorized"
+
+
+class TokenExpiredError(AuthError):
+    code = "token_expired"
+
+
+class TokenRevokedError(AuthError):
+    code = "token_revoked"
+
+
+class NamespaceMismatchError(AuthError):
+    code = "namespace_mismatch"
+
+
+class SandboxError(CaveError):
+    """The sandbox runtime failed (not the user's command: that is a normal exit code)."""
+
+    code = "sandbox_error"
+
+
+class SandboxTimeoutError(SandboxError):
+    code = "sandbox_timeout"
+
+
+class IsolationUnavailableError(SandboxError):
+    """Neither namespaces nor bubblewrap work here and degraded mode is forbidden."""
+
+    code = "isolation_unavailable"
+
+
+class InferenceUnavailableError(CaveError):
+    code = "inference_unavailable"
