@@ -12,7 +12,7 @@ import ray
 from actors.isolation.backend import Backend, select_backend
 from actors.isolation.results import ExecResult, FileEntry, OutputChunk
 from actors.isolation.sandbox import Sandbox
-from cave.errors import InvalidArgumentError, SandboxStateError
+from cave.errors import InvalidArgumentError, SandboxError, SandboxStateError
 from config.settings import IsolationSettings, SandboxLimits
 
 SHELL = "/bin/sh"
@@ -27,6 +27,13 @@ class SandboxInfo:
     limits: SandboxLimits | None
     created_at: float
     failure: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecOutput:
+    stdout: bytes
+    stderr: bytes
+    result: ExecResult
 
 
 @cache
@@ -75,6 +82,16 @@ class SandboxService:
                                              stdin=stdin, timeout_s=timeout_s):
             yield item
 
+    async def run(self, command: str | list[str], env: dict[str, str] | None = None,
+                  cwd: str | None = None, stdin: bytes | None = None,
+                  timeout_s: float | None = None) -> ExecOutput:
+        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        async for item in self.exec(command, env, cwd, stdin, timeout_s):
+            if isinstance(item, ExecResult):
+                return ExecOutput(b"".join(out["stdout"]), b"".join(out["stderr"]), item)
+            out[item.stream].append(item.data)
+        raise SandboxError("the exec ended without a result")
+
     async def write_file(self, path: str, data: bytes) -> int:
         return await self._sandbox.files.write(path, data)
 
@@ -119,6 +136,12 @@ class SandboxActor:
                    timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
         async for item in self._service.exec(command, env, cwd, stdin, timeout_s):
             yield item
+
+    async def run(self, command: str | list[str], env: dict[str, str] | None = None,
+                  cwd: str | None = None, stdin: bytes | None = None,
+                  timeout_s: float | None = None) -> ExecOutput:
+        """Run to completion in one call: cheaper than the stream when output is not needed live."""
+        return await self._service.run(command, env, cwd, stdin, timeout_s)
 
     async def write_file(self, path: str, data: bytes) -> int:
         return await self._service.write_file(path, data)

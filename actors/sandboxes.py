@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 
 from actors.directory import DIRECTORY_NAME, SandboxDirectory
 from actors.isolation.results import ExecResult, OutputChunk
-from actors.sandbox_actor import SandboxInfo
+from actors.sandbox_actor import ExecOutput, SandboxInfo
 from actors.warm_pool import NAMESPACE, WarmPool, pinned, pool_name
-from cave.errors import CapacityError
+from cave.errors import CapacityError, SandboxStateError
 from config.settings import LimitOverrides, Settings, resolve_limits
 
 
+@contextmanager
+def _translated(sandbox_id: str) -> Iterator[None]:
+    """Ray's actor-death errors become ours at this boundary; CaveErrors pass through as they are."""
+    try:
+        yield
+    except RayActorError as exc:
+        raise SandboxStateError(f"sandbox {sandbox_id} is stopped or lost") from exc
+
+
+@cache
 def _directory() -> ActorHandle:
     return SandboxDirectory.options(name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True,
                                     lifetime="detached").remote()
 
 
+@cache
 def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
     return WarmPool.options(name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True,
                             lifetime="detached", **pinned(node_id)).remote(
@@ -53,20 +67,19 @@ class SandboxHandle:
 
     def exec_stream(self, command: str | list[str], **kwargs: object
                     ) -> Iterator[OutputChunk | ExecResult]:
-        for ref in self.actor.exec.remote(command, **kwargs):
-            yield ray.get(ref)
+        """Output chunks as the command writes them, then the ExecResult."""
+        with _translated(self.id):
+            for ref in self.actor.exec.remote(command, **kwargs):
+                yield ray.get(ref)
 
-    def run(self, command: str | list[str], **kwargs: object) -> tuple[bytes, bytes, ExecResult]:
-        """Run to completion; (stdout, stderr, result)."""
-        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        for item in self.exec_stream(command, **kwargs):
-            if isinstance(item, ExecResult):
-                return b"".join(out["stdout"]), b"".join(out["stderr"]), item
-            out[item.stream].append(item.data)
-        raise RuntimeError("exec ended without a result")
+    def run(self, command: str | list[str], **kwargs: object) -> ExecOutput:
+        """Run to completion in one actor call."""
+        with _translated(self.id):
+            return ray.get(self.actor.run.remote(command, **kwargs))
 
     def info(self) -> SandboxInfo:
-        return ray.get(self.actor.info.remote())
+        with _translated(self.id):
+            return ray.get(self.actor.info.remote())
 
     def stop(self) -> SandboxInfo:
         return stop_sandbox(self.id)

@@ -47,6 +47,10 @@ class _CapData(ctypes.Structure):
 
 _LIBC.capset.argtypes = (ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData))
 _LIBC.capset.restype = ctypes.c_int
+# Built at import, in the zygote: building ctypes objects in a freshly forked child costs
+# ~0.2 ms of copy-on-write faults (measured). capset(2) only reads them.
+_CAP_HEADER = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+_NO_CAPABILITIES = (_CapData * 2)()  # version 3: two 32-bit halves, all zero
 
 
 def _read_cap_last_cap() -> int:
@@ -101,9 +105,7 @@ def _drop_bounding_set() -> None:
 
 
 def _clear_process_capabilities() -> None:
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()  # version 3: two 32-bit halves, all zero
-    if _LIBC.capset(ctypes.byref(header), data) != 0:
+    if _LIBC.capset(ctypes.byref(_CAP_HEADER), _NO_CAPABILITIES) != 0:
         _raise_errno("clearing the capability sets (capset)", ctypes.get_errno())
 
 

@@ -1,0 +1,48 @@
+"""The CLI's link to the cluster: where its state lives, connecting, Ray errors unwrapped."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayTaskError
+
+from actors.warm_pool import NAMESPACE
+from cave.errors import CaveError
+from cluster.local import ClusterError, cluster_address
+
+NO_CLUSTER = "no CAVE cluster is running; start one with `cave up`"
+
+
+def cave_home() -> Path:
+    """Where `cave up` keeps its cluster state: $CAVE_HOME, else ~/.cave."""
+    return Path(os.environ.get("CAVE_HOME") or Path.home() / ".cave")
+
+
+@contextmanager
+def connected(address: str | None = None) -> Iterator[str]:
+    """A driver connection to the given cluster, else the running one; disconnects on exit."""
+    address = address or cluster_address(cave_home())
+    if address is None:
+        raise ClusterError(NO_CLUSTER)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot reach the cluster at {address} ({exc}); "
+                           "start one with `cave up`") from None
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+
+
+def as_cave_error(exc: BaseException) -> CaveError | None:
+    """The CaveError behind exc, also when an actor raised it and Ray wrapped it; else None."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, CaveError):
+        return exc.cause
+    return exc if isinstance(exc, CaveError) else None

@@ -1,0 +1,269 @@
+"""A local Ray cluster for `cave up` / `cave down`: started in its own session, stopped by it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+
+from actors.directory import DIRECTORY_NAME
+from actors.sandboxes import stop_sandbox
+from actors.warm_pool import NAMESPACE
+from cave.errors import CaveError
+
+STATE_FILE = "cluster.json"
+LOG_FILE = "ray.log"
+START_TIMEOUT_S = 90.0
+PROBE_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 20.0
+TERM_TIMEOUT_S = 15.0
+KILL_TIMEOUT_S = 5.0
+POLL_S = 0.1
+
+# Run in a fresh interpreter: a driver that can connect and sees an alive node means "ready".
+_PROBE = (
+    "import sys, ray\n"
+    "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+    "sys.exit(0 if any(n['Alive'] for n in ray.nodes()) else 1)\n"
+)
+
+
+class ClusterError(CaveError):
+    """The local cluster cannot be started or reached (a candidate for cave/errors.py's tree)."""
+
+    code = "cluster_error"
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    address: str  # GCS address, host:port
+    pid: int  # the `ray start --block` process, leader of its own session
+    pgid: int
+    log: str
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+def start_local_cluster(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
+    """Start a head node on free ports and wait until a driver can use it; idempotent."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    running = running_cluster(state_dir)
+    if running is not None:
+        return running
+    gcs, client, dashboard, agent = _free_ports(4)
+    log = state_dir / LOG_FILE
+    argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
+            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+            f"--ray-client-server-port={client}", f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}", f"--num-cpus={num_cpus or os.cpu_count()}",
+            "--block"]
+    # No drain on SIGTERM: `cave down` has already emptied the cluster, so teardown is immediate.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    info = ClusterInfo(f"127.0.0.1:{gcs}", proc.pid, proc.pid, str(log))
+    try:
+        _wait_ready(info, proc)
+    except BaseException:
+        _terminate(info)
+        raise
+    (state_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+    return info
+
+
+def stop_local_cluster(state_dir: Path) -> bool:
+    """Empty the cluster of sandboxes, end every process of its session; False if none ran."""
+    info = _read_state(state_dir)
+    if info is None:
+        return False
+    running = _is_ours(info)
+    if running:
+        _drain(info)
+        _terminate(info)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return running
+
+
+def cluster_address(state_dir: Path) -> str | None:
+    """RAY_ADDRESS if set, else the address of the running cluster recorded in state_dir."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    running = running_cluster(state_dir)
+    return None if running is None else running.address
+
+
+def cluster_processes(info: ClusterInfo) -> list[int]:
+    """Live processes of the cluster: its session, and any that name its GCS port."""
+    pattern = re.compile(rf"--(gcs-)?address=\S*:{info.port}(\s|$)|--gcs_server_port={info.port}\b")
+    found = []
+    for pid in _pids():
+        fields = _stat(pid)
+        if fields is None or fields[0] in "ZX":
+            continue
+        if int(fields[3]) == info.pid or pattern.search(_cmdline(pid)):
+            found.append(pid)
+    return found
+
+
+def running_cluster(state_dir: Path) -> ClusterInfo | None:
+    """The cluster recorded in state_dir if its `ray start` process is still alive."""
+    info = _read_state(state_dir)
+    return info if info is not None and _is_ours(info) else None
+
+
+def _read_state(state_dir: Path) -> ClusterInfo | None:
+    try:
+        return ClusterInfo(**json.loads((state_dir / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _is_ours(info: ClusterInfo) -> bool:
+    """The recorded leader is alive and still our `ray start` (the pid was not reused)."""
+    fields = _stat(info.pid)
+    alive = fields is not None and fields[0] not in "ZX"
+    cmdline = _cmdline(info.pid)
+    return alive and "start" in cmdline and f"--port={info.port}" in cmdline
+
+
+def _free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as stack:  # hold them all open so the ports are distinct
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def _wait_ready(info: ClusterInfo, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _port_open(info.port):
+        _check_progress(info, proc, deadline)
+        time.sleep(POLL_S)
+    while not _probe(info.address, deadline):
+        _check_progress(info, proc, deadline)
+        time.sleep(POLL_S)
+
+
+def _check_progress(info: ClusterInfo, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    if proc.poll() is not None:
+        raise ClusterError(f"ray start exited with {proc.returncode}:\n{_tail(info.log)}")
+    if time.monotonic() > deadline:
+        raise ClusterError(f"no answer from {info.address} within {START_TIMEOUT_S:g} s:\n"
+                                f"{_tail(info.log)}")
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def _probe(address: str, deadline: float) -> bool:
+    timeout = max(1.0, min(PROBE_TIMEOUT_S, deadline - time.monotonic()))
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, address], timeout=timeout,
+                              stdin=subprocess.DEVNULL, capture_output=True)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+def _tail(log: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _drain(info: ClusterInfo) -> None:
+    """Stop the sandboxes and empty the warm pools first, so no sandbox process outlives Ray."""
+    with open(info.log, "ab") as out, contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-m", "cluster.local", "drain", info.address],
+                       stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=DRAIN_TIMEOUT_S)
+
+
+def _terminate(info: ClusterInfo) -> None:
+    """SIGTERM the leader (it stops its children in order) and its group, then SIGKILL the rest."""
+    _signal([info.pid], signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(info.pgid, signal.SIGTERM)
+    if _wait_gone(info, TERM_TIMEOUT_S):
+        return
+    _signal(cluster_processes(info), signal.SIGKILL)
+    _wait_gone(info, KILL_TIMEOUT_S)
+
+
+def _wait_gone(info: ClusterInfo, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while cluster_processes(info):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def _pids() -> Iterator[int]:
+    return (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _drain_cluster(address: str) -> None:
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
+             log_to_driver=False)
+    names = ray.util.list_named_actors()
+    pools = [ray.get_actor(n, namespace=NAMESPACE) for n in names if n.startswith("cave-pool-")]
+    _best_effort(ray.get, [pool.drain.remote() for pool in pools], timeout=DRAIN_TIMEOUT_S / 2)
+    if DIRECTORY_NAME in names:
+        directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
+        ids = _best_effort(ray.get, directory.ids.remote(), timeout=5)
+        for sandbox_id in ids if isinstance(ids, list) else []:
+            _best_effort(stop_sandbox, sandbox_id)
+
+
+def _best_effort(call: Callable[..., object], *args: object, **kwargs: object) -> object:
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:  # the cluster is about to be killed anyway; note it in the log
+        print(f"cave down: {getattr(call, '__name__', call)}: {exc}", file=sys.stderr)
+        return None
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["drain"]:
+    _drain_cluster(sys.argv[2])

@@ -1,0 +1,341 @@
+"""Hostile programs in real sandboxes: each attack fails, and the host and the next sandbox are fine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from actors.isolation.backend import Backend
+from cave.errors import QuotaExceededError
+from tests.isolation.conftest import (
+    LIMITS,
+    TEST_ROOT,
+    assert_host_and_next_sandbox_fine,
+    assert_still_works,
+    async_test,
+    cgroup_dirs,
+    host_pids_with_cmdline,
+    open_sandbox,
+    poll_until,
+    run,
+    unique_sleep,
+)
+
+MiB = 1 << 20
+FORK_BOMB = """
+import os
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"""
+
+
+def _cgroup_file(sandbox_id: str, name: str) -> str:
+    for directory in cgroup_dirs(sandbox_id):
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise AssertionError(f"no {name} in the cgroup of sandbox {sandbox_id}")
+
+
+def _pids_limit_hits(sandbox_id: str) -> int:
+    for line in Path(_cgroup_file(sandbox_id, "pids.events")).read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "max":
+            return int(value)
+    raise AssertionError("pids.events has no 'max' line")
+
+
+# The shell bomb keeps its first shell alive: when an exec's command exits, its pid namespace
+# (and any bomb left in it) dies with it, which would end the attack before it starts.
+FORK_BOMBS = {
+    "python": ["python3", "-c", FORK_BOMB],
+    "bash": ["bash", "-c", "bomb() { bomb | bomb & }; bomb; sleep 1000"],
+}
+
+
+@pytest.mark.parametrize("bomb", FORK_BOMBS.values(), ids=FORK_BOMBS.keys())
+@async_test
+async def test_fork_bomb_is_held_by_the_pids_limit(backend: Backend, bomb: list[str]) -> None:
+    async with open_sandbox(backend) as sandbox:
+        _, _, result = await run(sandbox, bomb, timeout_s=3)
+        assert (result.timed_out, result.exit_code) == (True, 124)
+        assert _pids_limit_hits(sandbox.id) > 0, "the bomb never reached the pids limit"
+        assert Path(_cgroup_file(sandbox.id, "pids.max")).read_text().strip() == str(LIMITS.pids)
+        await assert_still_works(sandbox)
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+@async_test
+async def test_memory_bomb_is_oom_killed(backend: Backend) -> None:
+    chunks = 2 * LIMITS.memory_mb // 16
+    bomb = f"chunks = [b'x' * (16 << 20) for _ in range({chunks})]; print('survived')"
+    async with open_sandbox(backend) as sandbox:
+        out, _, result = await run(sandbox, ["python3", "-c", bomb])
+        assert (result.exit_code, result.oom_killed) == (137, True)
+        assert b"survived" not in out
+        await assert_still_works(sandbox)
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+@async_test
+async def test_disk_fill_stops_at_the_quota(backend: Backend) -> None:
+    count = 2 * LIMITS.disk_mb
+    async with open_sandbox(backend) as sandbox:
+        _, err, result = await run(
+            sandbox, ["dd", "if=/dev/zero", "of=/workspace/big", "bs=1M", f"count={count}"])
+        assert result.exit_code != 0
+        assert b"No space left on device" in err
+        (entry,) = [e for e in await sandbox.files.list() if e.name == "big"]
+        assert 0 < entry.size <= LIMITS.disk_mb * MiB
+        await assert_still_works(sandbox)
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+@async_test
+async def test_file_api_write_beyond_the_quota_is_refused(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        with pytest.raises(QuotaExceededError):
+            await sandbox.files.write("big", bytes(2 * LIMITS.disk_mb * MiB))
+        await sandbox.files.delete("big")
+        await sandbox.files.write("small", b"fits")
+        assert await sandbox.files.read("small") == b"fits"
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+def _reset_peak_rss() -> None:
+    # ru_maxrss is a high-water mark: earlier tests (the 128 MiB write above) would hide any
+    # growth here. Writing 5 to clear_refs resets the mark to the current RSS.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+@async_test
+async def test_100_mb_of_output_is_capped_without_buffering_it(backend: Backend) -> None:
+    total = 100_000_000
+    async with open_sandbox(backend) as sandbox:
+        _reset_peak_rss()
+        rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out, _, result = await run(sandbox, ["head", "-c", str(total), "/dev/zero"])
+        rss_growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib
+        assert result.exit_code == 0
+        assert result.truncated
+        assert out == bytes(LIMITS.output_bytes)
+        assert result.stdout_bytes == total
+        assert rss_growth_kib < 50 * 1024, f"the host buffered the output: +{rss_growth_kib} KiB"
+        await assert_still_works(sandbox)
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+@async_test
+async def test_timeout_kills_double_forked_children(backend: Backend) -> None:
+    duration = unique_sleep()
+    async with open_sandbox(backend) as sandbox:
+        _, _, result = await run(
+            sandbox, f"(setsid sleep {duration} &); sleep {duration}", timeout_s=1)
+        assert (result.timed_out, result.exit_code) == (True, 124)
+        await poll_until(lambda: not host_pids_with_cmdline(["sleep", duration]),
+                         "the double-forked sleep still runs on the host")
+        await assert_still_works(sandbox)
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+@async_test
+async def test_daemon_left_by_a_finished_command_is_gone(backend: Backend) -> None:
+    duration = unique_sleep()
+    async with open_sandbox(backend) as sandbox:
+        _, _, result = await run(sandbox, f"setsid sleep {duration} & exit 0")
+        assert (result.timed_out, result.exit_code) == (False, 0)
+        assert host_pids_with_cmdline(["sleep", duration]) == []
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+CONNECT = """
+import errno, socket, sys
+for host, port in [tuple(a.split(":")) for a in sys.argv[1:]]:
+    s = socket.socket()
+    s.settimeout(10)
+    try:
+        s.connect((host, int(port)))
+        print(host, port, "CONNECTED")
+    except OSError as exc:
+        print(host, port, errno.errorcode.get(exc.errno, str(exc)))
+"""
+
+
+@async_test
+async def test_network_egress_is_cut(backend: Backend) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        host_port = listener.getsockname()[1]
+        socket.create_connection(("127.0.0.1", host_port), timeout=5).close()  # reachable here
+        async with open_sandbox(backend) as sandbox:
+            out, err, result = await run(sandbox, [
+                "python3", "-c", CONNECT, "127.0.0.1:5432", f"127.0.0.1:{host_port}",
+                "1.1.1.1:53", "10.0.2.2:80"])
+    assert result.exit_code == 0, err
+    assert out.decode().splitlines() == [
+        "127.0.0.1 5432 ECONNREFUSED",
+        f"127.0.0.1 {host_port} ECONNREFUSED",
+        "1.1.1.1 53 ENETUNREACH",
+        "10.0.2.2 80 ENETUNREACH",
+    ]
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+@async_test
+async def test_only_loopback_exists_and_it_works(backend: Backend) -> None:
+    echo = ("import socket\nserver = socket.create_server(('127.0.0.1', 0))\n"
+            "client = socket.create_connection(server.getsockname())\n"
+            "conn, _ = server.accept(); client.sendall(b'ping'); print(conn.recv(4).decode())")
+    async with open_sandbox(backend) as sandbox:
+        dev, _, _ = await run(sandbox, ["cat", "/proc/net/dev"])
+        out, err, result = await run(sandbox, ["python3", "-c", echo])
+    interfaces = [line.split(":")[0].strip() for line in dev.decode().splitlines()[2:]]
+    assert interfaces == ["lo"]
+    assert (out, result.exit_code) == (b"ping\n", 0), err
+
+
+@async_test
+async def test_host_files_are_out_of_reach(backend: Backend) -> None:
+    host_root_entries = set(os.listdir("/root"))
+    async with open_sandbox(backend) as sandbox:
+        for path in ("/etc/shadow", "/proc/1/root/etc/shadow", "/proc/1/environ"):
+            out, _, result = await run(sandbox, ["cat", path])
+            assert result.exit_code != 0 and out == b"", f"read {path} inside the sandbox"
+        for path in ("/work", "/work/main", str(TEST_ROOT)):
+            _, _, result = await run(sandbox, ["ls", path])
+            assert result.exit_code != 0, f"{path} is visible inside the sandbox"
+        root, _, _ = await run(sandbox, ["ls", "-A", "/root"])
+        passwd, _, _ = await run(sandbox, ["cat", "/etc/passwd"])
+    assert host_root_entries.isdisjoint(root.decode().split())
+    assert {line.split(":")[0] for line in passwd.decode().splitlines()} == {"root", "nobody"}
+
+
+SYSCALL_NUMBERS = {
+    "x86_64": {"ptrace": 101, "mount": 165, "unshare": 272, "keyctl": 250, "bpf": 321,
+               "io_uring_setup": 425},
+    "aarch64": {"ptrace": 117, "mount": 40, "unshare": 97, "keyctl": 219, "bpf": 280,
+                "io_uring_setup": 425},
+}
+# Each call would succeed (or fail otherwise than EPERM) for an unfiltered process with these args.
+PRIVILEGED_CALLS = """
+import ctypes, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+numbers = json.loads(sys.argv[1])
+params = ctypes.create_string_buffer(120)
+args = {
+    "ptrace": (16, 1, 0, 0),                            # PTRACE_ATTACH to pid 1
+    "mount": (b"none", b"/tmp", b"tmpfs", 0),
+    "unshare": (0x10000000,),                          # CLONE_NEWUSER
+    "keyctl": (0, ctypes.c_long(-3), 0),               # KEYCTL_GET_KEYRING_ID, session keyring
+    "bpf": (0, params, 72),                            # BPF_MAP_CREATE
+    "io_uring_setup": (1, params),
+}
+for name, number in numbers.items():
+    ctypes.set_errno(0)
+    rc = libc.syscall(number, *args[name])
+    print(name, rc, ctypes.get_errno())
+"""
+
+
+@async_test
+async def test_privileged_syscalls_are_refused(backend: Backend) -> None:
+    numbers = SYSCALL_NUMBERS.get(platform.machine())
+    assert numbers is not None, f"no syscall numbers for {platform.machine()}"
+    async with open_sandbox(backend) as sandbox:
+        out, err, result = await run(
+            sandbox, ["python3", "-c", PRIVILEGED_CALLS, json.dumps(numbers)])
+        uid, _, _ = await run(sandbox, ["id", "-u"])
+        status, _, _ = await run(sandbox, ["cat", "/proc/self/status"])
+    assert result.exit_code == 0, err
+    assert out.decode().splitlines() == [f"{name} -1 1" for name in numbers]  # 1 is EPERM
+    assert uid == b"0\n"
+    assert "CapEff:\t0000000000000000" in status.decode().splitlines()
+
+
+def _uid_line(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return [int(v) for v in line.split()[1:]]
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+@async_test
+async def test_sandbox_processes_run_as_the_unprivileged_uid(backend: Backend) -> None:
+    duration = unique_sleep()
+    async with open_sandbox(backend) as sandbox:
+        sleeper = asyncio.ensure_future(run(sandbox, ["sleep", duration]))
+        await poll_until(lambda: host_pids_with_cmdline(["sleep", duration]) != [],
+                         "the sandbox's sleep never appeared on the host")
+        (pid,) = host_pids_with_cmdline(["sleep", duration])
+        assert _uid_line(pid) == [backend.sandbox_uid] * 4
+        members = Path(_cgroup_file(sandbox.id, "cgroup.procs")).read_text().split()
+        assert pid in {int(p) for p in members}
+        assert all(_uid_line(int(p)) == [backend.sandbox_uid] * 4 for p in members)
+        os.kill(pid, signal.SIGKILL)
+        _, _, result = await sleeper
+        assert result.exit_code == 137
+
+
+@async_test
+async def test_host_processes_are_invisible_and_unreachable(backend: Backend) -> None:
+    duration = unique_sleep()
+    bystander = subprocess.Popen(["sleep", duration])
+    probe = "import os\ntry:\n os.kill(int(os.environ['HOST_PID']), 0)\nexcept OSError as e:\n print(e.errno)"
+    try:
+        async with open_sandbox(backend) as sandbox:
+            ps, _, _ = await run(sandbox, ["ps", "-e", "-o", "comm="])
+            killed, kill_err, kill = await run(sandbox, ["kill", "-9", str(bystander.pid)])
+            esrch, _, _ = await run(sandbox, ["python3", "-c", probe],
+                                    env={"HOST_PID": str(os.getpid())})
+            _, _, init_kill = await run(sandbox, "kill -9 1; echo still here")
+            await assert_still_works(sandbox)
+        assert bystander.poll() is None, "a sandbox killed a host process"
+    finally:
+        bystander.kill()
+        bystander.wait()
+    names = ps.decode().split()
+    assert len(names) < 10, names
+    assert "sleep" not in names and "pytest" not in names
+    assert kill.exit_code != 0 and b"No such process" in kill_err, (killed, kill_err)
+    assert esrch == b"3\n"  # ESRCH
+    assert init_kill.exit_code == 0
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+def _processes_in_cgroup(sandbox_id: str) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if sandbox_id in Path(entry.path, "cgroup").read_text():
+                    found.append(int(entry.name))
+    return found
+
+
+@async_test
+async def test_no_traces_between_sandboxes_or_after_stop(backend: Backend) -> None:
+    async with open_sandbox(backend) as first:
+        _, err, result = await run(first, "echo secret > /tmp/trace && echo secret > /dev/shm/trace")
+        assert result.exit_code == 0, err
+        assert all(os.path.isdir(d) for d in cgroup_dirs(first.id)) and cgroup_dirs(first.id)
+        assert first.sandbox_dir.is_dir()
+        async with open_sandbox(backend) as second:
+            out, _, _ = await run(second, "ls -A /tmp /dev/shm; cat /tmp/trace /dev/shm/trace")
+            assert b"secret" not in out and b"trace" not in out
+    assert _processes_in_cgroup(first.id) == []
+    assert not any(os.path.exists(d) for d in cgroup_dirs(first.id))
+    assert first.id not in Path("/proc/self/mountinfo").read_text()
+    assert not first.sandbox_dir.exists()
+    assert not (backend.state_dir / "sandboxes" / first.id).exists()
+

@@ -1,0 +1,132 @@
+"""Sandbox actors on a real local Ray cluster: pool, placement, streaming exec, files, stop, errors."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors.isolation.results import ExecResult, OutputChunk
+from actors.sandboxes import choose_node, create_sandbox, get_sandbox, stop_sandbox, warm_pool
+from cave.errors import (
+    CapacityError,
+    InvalidArgumentError,
+    LimitExceededError,
+    SandboxNotFoundError,
+    SandboxStateError,
+)
+from config.settings import Settings, load_settings, parse_overrides
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def settings(cave_state_dir: Path) -> Settings:
+    return load_settings(env={**os.environ, "CAVE_STATE_DIR": str(cave_state_dir),
+                              "CAVE_POOL_SIZE": "2"})
+
+
+def _poll(predicate, deadline_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + deadline_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.05)
+
+
+def test_lifecycle_through_the_actor(settings: Settings) -> None:
+    sandbox = create_sandbox(settings, parse_overrides(memory_mb=256))
+    try:
+        info = sandbox.info()
+        assert info.state == "running"
+        assert info.node_id == ray.get_runtime_context().get_node_id()
+        assert info.limits is not None and info.limits.memory_mb == 256
+        output = sandbox.run(["python3", "-c", "print(1)"])
+        assert output.stdout == b"1\n" and output.result.exit_code == 0
+        ray.get(sandbox.actor.write_file.remote("notes/a.txt", b"hello"))
+        assert sandbox.run("cat notes/a.txt").stdout == b"hello"
+        assert get_sandbox(sandbox.id).id == sandbox.id
+    finally:
+        stopped = stop_sandbox(sandbox.id)
+    assert stopped.state == "stopped"
+    with pytest.raises(SandboxStateError):
+        sandbox.run("true")
+    with pytest.raises(SandboxNotFoundError):
+        get_sandbox(sandbox.id)
+
+
+def test_exec_streams_chunks_before_the_command_ends(settings: Settings) -> None:
+    sandbox = create_sandbox(settings)
+    try:
+        arrivals: list[tuple[float, OutputChunk | ExecResult]] = []
+        script = "for i in 1 2 3; do echo $i; sleep 0.3; done; echo err >&2; exit 3"
+        for item in sandbox.exec_stream(script):
+            arrivals.append((time.monotonic(), item))
+        chunks = [item for _, item in arrivals if isinstance(item, OutputChunk)]
+        result = arrivals[-1][1]
+        assert isinstance(result, ExecResult) and result.exit_code == 3
+        assert b"".join(c.data for c in chunks if c.stream == "stdout") == b"1\n2\n3\n"
+        assert [c.data for c in chunks if c.stream == "stderr"] == [b"err\n"]
+        first, last = arrivals[0][0], arrivals[-1][0]
+        assert last - first > 0.5  # the first line came while the command was still running
+    finally:
+        stop_sandbox(sandbox.id)
+
+
+def test_exec_arguments(settings: Settings) -> None:
+    sandbox = create_sandbox(settings)
+    try:
+        out = sandbox.run(["sh", "-c", 'echo "$GREETING"; pwd; cat'], env={"GREETING": "hi"},
+                          cwd="/tmp", stdin=b"from stdin")
+        assert out.stdout == b"hi\n/tmp\nfrom stdin"
+        with pytest.raises(InvalidArgumentError):
+            sandbox.run([])
+        with pytest.raises(InvalidArgumentError):
+            sandbox.run("true", timeout_s=0)
+        with pytest.raises(InvalidArgumentError):
+            sandbox.run("true", timeout_s=settings.defaults.timeout_s + 1)
+    finally:
+        stop_sandbox(sandbox.id)
+
+
+def test_bad_limits_fail_before_any_actor(settings: Settings) -> None:
+    with pytest.raises(InvalidArgumentError, match="memory_mb"):
+        parse_overrides(memory_mb=-5)
+    with pytest.raises(LimitExceededError, match="pids"):
+        create_sandbox(settings, parse_overrides(pids=settings.maximum.pids + 1))
+
+
+def test_unknown_node_is_a_capacity_error() -> None:
+    with pytest.raises(CapacityError):
+        choose_node("ff" * 28)
+
+
+def test_warm_pool_refills(settings: Settings) -> None:
+    pool = warm_pool(ray.get_runtime_context().get_node_id(), settings)
+    _poll(lambda: ray.get(pool.stats.remote())["ready"] == settings.pool.size_per_node)
+    sandbox = create_sandbox(settings)
+    stop_sandbox(sandbox.id)
+    _poll(lambda: ray.get(pool.stats.remote())["ready"] == settings.pool.size_per_node)
+
+
+def _marked_pids(marker: str) -> list[str]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def test_killed_actor_leaves_nothing_behind(settings: Settings) -> None:
+    sandbox = create_sandbox(settings)
+    marker = f"cave-marker-{sandbox.id}"
+    running = sandbox.actor.exec.remote(f"(exec -a {marker} sleep 1000 &); exec -a {marker} sleep 1000")
+    _poll(lambda: len(_marked_pids(marker)) == 2)
+    ray.kill(sandbox.actor)  # no stop(): the actor dies as on a crash
+    _poll(lambda: not _marked_pids(marker), 30)
+    del running
