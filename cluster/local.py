@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import ray
+from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
 from actors.directory import DIRECTORY_NAME
 from actors.sandboxes import stop_sandbox
@@ -25,6 +28,7 @@ from cave.errors import CaveError
 
 STATE_FILE = "cluster.json"
 LOG_FILE = "ray.log"
+TOKEN_FILE = "auth_token"
 START_TIMEOUT_S = 90.0
 PROBE_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 20.0
@@ -46,12 +50,13 @@ class ClusterError(CaveError):
     code = "cluster_error"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ClusterInfo:
     address: str  # GCS address, host:port
     pid: int  # the `ray start --block` process, leader of its own session
     pgid: int
     log: str
+    token_path: str  # this cluster's own Ray auth token, so ~/.ray/auth_token cannot interfere
 
     @property
     def port(self) -> int:
@@ -65,19 +70,19 @@ def start_local_cluster(state_dir: Path, num_cpus: int | None = None) -> Cluster
     if running is not None:
         return running
     gcs, client, dashboard, agent = _free_ports(4)
-    log = state_dir / LOG_FILE
+    log, token = state_dir / LOG_FILE, _write_token(state_dir / TOKEN_FILE)
     argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
             f"--ray-client-server-port={client}", f"--dashboard-port={dashboard}",
             f"--dashboard-agent-listen-port={agent}", f"--num-cpus={num_cpus or os.cpu_count()}",
             "--block"]
+    info = ClusterInfo(f"127.0.0.1:{gcs}", 0, 0, str(log), str(token))
     # No drain on SIGTERM: `cave down` has already emptied the cluster, so teardown is immediate.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    env = {**_child_env(info), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    info = ClusterInfo(f"127.0.0.1:{gcs}", proc.pid, proc.pid, str(log))
+    info = dataclasses.replace(info, pid=proc.pid, pgid=proc.pid)
     try:
         _wait_ready(info, proc)
     except BaseException:
@@ -106,6 +111,21 @@ def cluster_address(state_dir: Path) -> str | None:
         return os.environ["RAY_ADDRESS"]
     running = running_cluster(state_dir)
     return None if running is None else running.address
+
+
+def driver_env(info: ClusterInfo) -> dict[str, str]:
+    """What a Ray driver needs to reach this cluster (RAY_AUTH_TOKEN, if set, would win)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": info.token_path}
+
+
+def use_cluster_token(info: ClusterInfo) -> None:
+    """Make this process's next ray.init authenticate to the cluster with its token."""
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(driver_env(info))
+    # Ray latches the auth mode and token when it is imported; this is how Ray itself
+    # (authentication_token_setup._enable_token_auth) makes a running process see a new mode.
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def cluster_processes(info: ClusterInfo) -> list[int]:
@@ -142,6 +162,18 @@ def _is_ours(info: ClusterInfo) -> bool:
     return alive and "start" in cmdline and f"--port={info.port}" in cmdline
 
 
+def _write_token(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(secrets.token_hex(32))
+    return path
+
+
+def _child_env(info: ClusterInfo) -> dict[str, str]:
+    unset = ("RAY_ADDRESS", "RAY_AUTH_TOKEN")
+    return {**{k: v for k, v in os.environ.items() if k not in unset}, **driver_env(info)}
+
+
 def _free_ports(count: int) -> list[int]:
     with contextlib.ExitStack() as stack:  # hold them all open so the ports are distinct
         socks = [stack.enter_context(socket.socket()) for _ in range(count)]
@@ -155,7 +187,7 @@ def _wait_ready(info: ClusterInfo, proc: subprocess.Popen[bytes]) -> None:
     while not _port_open(info.port):
         _check_progress(info, proc, deadline)
         time.sleep(POLL_S)
-    while not _probe(info.address, deadline):
+    while not _probe(info, deadline):
         _check_progress(info, proc, deadline)
         time.sleep(POLL_S)
 
@@ -174,11 +206,11 @@ def _port_open(port: int) -> bool:
     return False
 
 
-def _probe(address: str, deadline: float) -> bool:
+def _probe(info: ClusterInfo, deadline: float) -> bool:
     timeout = max(1.0, min(PROBE_TIMEOUT_S, deadline - time.monotonic()))
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE, address], timeout=timeout,
-                              stdin=subprocess.DEVNULL, capture_output=True)
+        done = subprocess.run([sys.executable, "-c", _PROBE, info.address], timeout=timeout,
+                              env=_child_env(info), stdin=subprocess.DEVNULL, capture_output=True)
     except subprocess.TimeoutExpired:
         return False
     return done.returncode == 0
@@ -195,7 +227,8 @@ def _drain(info: ClusterInfo) -> None:
     """Stop the sandboxes and empty the warm pools first, so no sandbox process outlives Ray."""
     with open(info.log, "ab") as out, contextlib.suppress(subprocess.TimeoutExpired):
         subprocess.run([sys.executable, "-m", "cluster.local", "drain", info.address],
-                       stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=DRAIN_TIMEOUT_S)
+                       env=_child_env(info), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                       timeout=DRAIN_TIMEOUT_S)
 
 
 def _terminate(info: ClusterInfo) -> None:

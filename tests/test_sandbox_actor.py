@@ -115,7 +115,8 @@ def _marked_pids(marker: str) -> list[str]:
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[0] == b"python3" and marker.encode() in argv:
                 pids.append(pid)
         except OSError:
             continue
@@ -125,7 +126,8 @@ def _marked_pids(marker: str) -> list[str]:
 def test_killed_actor_leaves_nothing_behind(settings: Settings) -> None:
     sandbox = create_sandbox(settings)
     marker = f"cave-marker-{sandbox.id}"
-    running = sandbox.actor.exec.remote(f"(exec -a {marker} sleep 1000 &); exec -a {marker} sleep 1000")
+    sleeper = f"python3 -c 'import time; time.sleep(1000)' {marker}"
+    running = sandbox.actor.exec.remote(f"({sleeper} &); {sleeper}")
     _poll(lambda: len(_marked_pids(marker)) == 2)
     ray.kill(sandbox.actor)  # no stop(): the actor dies as on a crash
     _poll(lambda: not _marked_pids(marker), 30)

@@ -86,6 +86,7 @@ class Sandbox:
         await self._channel.send({
             "op": "setup",
             "isolated": self.backend.isolated,
+            "backend": self.backend.name,
             "uid": self.backend.sandbox_uid,
             "cgroup_procs": self._cgroup.procs_files() if self._cgroup else [],
             "exec_helper": str(self.backend.exec_helper),

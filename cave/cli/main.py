@@ -13,7 +13,13 @@ import ray
 from actors.sandboxes import choose_node, warm_pool
 from cave.cli import run
 from cave.cli.session import as_cave_error, cave_home, connected
-from cluster.local import ClusterInfo, running_cluster, start_local_cluster, stop_local_cluster
+from cluster.local import (
+    ClusterInfo,
+    driver_env,
+    running_cluster,
+    start_local_cluster,
+    stop_local_cluster,
+)
 from config.settings import Settings, load_settings
 
 ERROR_EXIT_CODE = 2
@@ -21,13 +27,12 @@ PREWARM_TIMEOUT_S = 60.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
+        if args.handler is run.run and not args.command:
+            args.parser.error("missing command after `--`")
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else ERROR_EXIT_CODE
-    if args.handler is run.run and not args.command:
-        parser.exit(ERROR_EXIT_CODE, "cave sandbox run: error: missing command after `--`\n")
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command(group: argparse._SubParsersAction, name: str, text: str,
              handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = group.add_parser(name, help=text, description=text)
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, parser=parser)
     return parser
 
 
@@ -90,7 +95,8 @@ def _print_up(info: ClusterInfo, stats: dict[str, int], was_running: bool, took_
     if stats["ready"] < stats["size"]:
         print(f"cave: warning: the warm pool is not full after {PREWARM_TIMEOUT_S:g} s; "
               f"see {info.log} and Ray's logs", file=sys.stderr)
-    print(f"export RAY_ADDRESS={info.address}")
+    variables = {"RAY_ADDRESS": info.address, **driver_env(info)}
+    print("export " + " ".join(f"{k}={v}" for k, v in variables.items()))
 
 
 def _down(args: argparse.Namespace) -> int:

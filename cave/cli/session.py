@@ -13,7 +13,7 @@ from ray.exceptions import RayTaskError
 
 from actors.warm_pool import NAMESPACE
 from cave.errors import CaveError
-from cluster.local import ClusterError, cluster_address
+from cluster.local import ClusterError, cluster_address, running_cluster, use_cluster_token
 
 NO_CLUSTER = "no CAVE cluster is running; start one with `cave up`"
 
@@ -29,6 +29,7 @@ def connected(address: str | None = None) -> Iterator[str]:
     address = address or cluster_address(cave_home())
     if address is None:
         raise ClusterError(NO_CLUSTER)
+    _use_token_of(address)
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
                  log_to_driver=False)
@@ -39,6 +40,13 @@ def connected(address: str | None = None) -> Iterator[str]:
         yield address
     finally:
         ray.shutdown()
+
+
+def _use_token_of(address: str) -> None:
+    """Our cluster (also when reached through RAY_ADDRESS) wants its token; others keep theirs."""
+    info = running_cluster(cave_home())
+    if info is not None and address.rsplit(":", 1)[-1] == str(info.port):
+        use_cluster_token(info)
 
 
 def as_cave_error(exc: BaseException) -> CaveError | None:

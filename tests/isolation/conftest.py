@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec
 
@@ -36,12 +36,12 @@ CGROUP_ROOT = f"cave-test-{RUN_ID}"  # never the production "cave" subtree
 P = ParamSpec("P")
 
 
-def async_test(body: Callable[P, Awaitable[None]]) -> Callable[P, None]:
+def async_test(body: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
     """Run an async test body with asyncio.run; fixtures still arrive as arguments."""
 
     @functools.wraps(body)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-        asyncio.run(body(*args, **kwargs))  # type: ignore[arg-type]
+        asyncio.run(body(*args, **kwargs))
 
     return wrapper
 

@@ -1,0 +1,180 @@
+"""Sandbox lifecycle and the exec contract: bad arguments, I/O, streaming, concurrency, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from actors.isolation.backend import Backend, select_backend
+from actors.isolation.results import ExecResult, OutputChunk
+from actors.isolation.sandbox import Sandbox
+from cave.errors import InvalidArgumentError, IsolationUnavailableError, SandboxStateError
+from config.settings import load_settings
+from tests.isolation.conftest import (
+    LIMITS,
+    assert_still_works,
+    async_test,
+    isolation_env,
+    open_sandbox,
+    run,
+)
+
+
+@async_test
+async def test_exec_after_stop_is_refused(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        await assert_still_works(sandbox)
+    assert sandbox.state == "stopped"
+    with pytest.raises(SandboxStateError):
+        await run(sandbox, ["echo", "late"])
+    with pytest.raises(SandboxStateError):
+        await sandbox.files.read("anything")
+
+
+@async_test
+async def test_stop_is_idempotent(backend: Backend) -> None:
+    sandbox = Sandbox(backend)
+    await sandbox.prepare()
+    await sandbox.start(LIMITS)
+    await sandbox.stop()
+    await sandbox.stop()
+    assert sandbox.state == "stopped"
+    assert not sandbox.sandbox_dir.exists()
+
+
+@async_test
+async def test_stop_before_start_releases_the_standby(backend: Backend) -> None:
+    sandbox = Sandbox(backend)
+    await sandbox.prepare()
+    await sandbox.stop()
+    assert sandbox.state == "stopped"
+    with pytest.raises(SandboxStateError):
+        await sandbox.start(LIMITS)
+
+
+@pytest.mark.parametrize("argv", [[], [""]], ids=["empty", "empty-program"])
+@async_test
+async def test_empty_argv_is_invalid(backend: Backend, argv: list[str]) -> None:
+    async with open_sandbox(backend) as sandbox:
+        with pytest.raises(InvalidArgumentError):
+            await run(sandbox, argv)
+        await assert_still_works(sandbox)
+
+
+@pytest.mark.parametrize("timeout_s", [LIMITS.timeout_s + 1, 0, -1])
+@async_test
+async def test_timeout_outside_the_limit_is_invalid(backend: Backend, timeout_s: float) -> None:
+    async with open_sandbox(backend) as sandbox:
+        with pytest.raises(InvalidArgumentError):
+            await run(sandbox, ["echo", "x"], timeout_s=timeout_s)
+        await assert_still_works(sandbox)
+
+
+@async_test
+async def test_missing_cwd_is_a_clear_error(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        with pytest.raises(InvalidArgumentError, match="/no/such/dir"):
+            await run(sandbox, ["pwd"], cwd="/no/such/dir")
+        out, _, _ = await run(sandbox, ["pwd"], cwd="/tmp")
+        assert out == b"/tmp\n"
+        out, _, _ = await run(sandbox, ["pwd"])
+        assert out == b"/workspace\n"
+
+
+@async_test
+async def test_unknown_command_exits_127_with_a_message(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        out, err, result = await run(sandbox, ["no-such-command-xyz", "arg"])
+    assert result.exit_code == 127
+    assert out == b""
+    assert b"no-such-command-xyz" in err
+
+
+@async_test
+async def test_exit_code_and_stderr_are_reported(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        out, err, result = await run(sandbox, "echo to-out; echo to-err >&2; exit 3")
+    assert (out, err, result.exit_code) == (b"to-out\n", b"to-err\n", 3)
+    assert (result.stdout_bytes, result.stderr_bytes) == (7, 7)
+    assert not (result.timed_out or result.oom_killed or result.truncated)
+
+
+@async_test
+async def test_stdin_is_delivered(backend: Backend) -> None:
+    payload = b"line one\n" + bytes(range(256)) * 1024  # larger than a pipe buffer
+    async with open_sandbox(backend) as sandbox:
+        out, _, result = await run(sandbox, ["cat"], stdin=payload)
+        empty, _, _ = await run(sandbox, ["cat"])
+    assert (out, result.exit_code) == (payload, 0)
+    assert empty == b""  # no stdin given: cat sees end of file, does not hang
+
+
+@async_test
+async def test_env_vars_are_passed(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        out, _, _ = await run(sandbox, 'echo "$GREETING|$HOME"', env={"GREETING": "hi there"})
+        host_only, _, _ = await run(sandbox, 'echo "[$CAVE_STATE_DIR][$VIRTUAL_ENV]"')
+    assert out == b"hi there|/root\n"
+    assert host_only == b"[][]\n"  # nothing of the host's environment leaks in
+
+
+@async_test
+async def test_output_streams_as_it_is_written(backend: Backend) -> None:
+    # Each line carries the sandbox's wall clock when it was written (the host shares that clock).
+    script = "for i in 1 2 3; do echo $i $(date +%s.%N); sleep 0.3; done"
+    arrivals: list[tuple[float, bytes]] = []
+    async with open_sandbox(backend) as sandbox:
+        async for item in sandbox.exec(["sh", "-c", script]):
+            if not isinstance(item, ExecResult):
+                arrivals.append((time.time(), item.data))
+    lines = b"".join(data for _, data in arrivals).decode().splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3"]
+    assert len(arrivals) >= 2, "all the output came in one chunk"
+    first_arrived = arrivals[0][0]
+    last_written = float(lines[-1].split()[1])
+    assert first_arrived < last_written, "the first line was held back until the last one"
+
+
+@async_test
+async def test_first_chunk_arrives_while_the_command_still_runs(backend: Backend) -> None:
+    # The command cannot finish before we answer its first line, so seeing that line first
+    # proves streaming without any clock.
+    script = "echo waiting; while [ ! -e /workspace/go ]; do sleep 0.05; done; echo done"
+    async with open_sandbox(backend) as sandbox:
+        stream = sandbox.exec(["sh", "-c", script], timeout_s=20)
+        first = await anext(stream)
+        assert first == OutputChunk("stdout", b"waiting\n")
+        await sandbox.files.write("go", b"")
+        rest = [item async for item in stream]
+    assert isinstance(rest[-1], ExecResult) and rest[-1].exit_code == 0
+    assert b"".join(c.data for c in rest if isinstance(c, OutputChunk)) == b"done\n"
+
+
+@async_test
+async def test_concurrent_execs_in_one_sandbox(backend: Backend) -> None:
+    # Each running exec holds four pids (cave-exec, its namespace init, sh, sleep): 20 at once
+    # need more than the 64 of LIMITS.
+    async with open_sandbox(backend, LIMITS.model_copy(update={"pids": 128})) as sandbox:
+        results = await asyncio.gather(
+            *(run(sandbox, f"echo start {i}; sleep 0.2; echo end {i}") for i in range(20)))
+    for i, (out, err, result) in enumerate(results):
+        assert (out, err, result.exit_code) == (f"start {i}\nend {i}\n".encode(), b"", 0)
+
+
+@async_test
+async def test_degraded_backend_still_runs_commands(backend: Backend) -> None:
+    degraded = select_backend(
+        load_settings(env=isolation_env(CAVE_ISOLATION_BACKEND="none")).isolation)
+    assert (degraded.name, degraded.isolated) == ("none", False)
+    async with open_sandbox(degraded) as sandbox:
+        out, err, result = await run(sandbox, ["echo", "ok"])
+    assert (out, result.exit_code) == (b"ok\n", 0), err
+
+
+def test_degraded_backend_refused_when_fallback_is_forbidden(backend: Backend) -> None:
+    settings = load_settings(env=isolation_env(CAVE_ISOLATION_BACKEND="none",
+                                               CAVE_ISOLATION_NO_FALLBACK="true"))
+    with pytest.raises(IsolationUnavailableError, match="NO_FALLBACK"):
+        select_backend(settings.isolation)
