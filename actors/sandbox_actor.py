@@ -1,4 +1,4 @@
-"""SandboxActor: one Ray actor per sandbox, a thin Ray shell around the plain `Sandbox` of actors/isolation."""
+"""SandboxActor: one Ray actor per sandbox, a thin shell around the plain `Sandbox` of isolation."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ class SandboxService:
         return self.info()
 
     async def discard(self) -> None:
-        """Tear down whatever exists (a standby launcher included); used before the actor is killed."""
+        """Tear down whatever exists (a standby launcher too); used before the actor is killed."""
         await self._sandbox.stop()
 
 

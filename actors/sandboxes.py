@@ -1,4 +1,4 @@
-"""Ray-side sandbox lifecycle for code in the cluster: create on a node (from its warm pool), find, exec, stop."""
+"""Ray-side sandbox lifecycle for code in the cluster: create (warm pool), find, exec, stop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import ray
 from ray.actor import ActorHandle
@@ -20,9 +21,14 @@ from cave.errors import CapacityError, SandboxStateError
 from config.settings import LimitOverrides, Settings, resolve_limits
 
 
+def _get(ref: Any) -> Any:
+    """ray.get with its result typed Any: Ray's stubs can't say what a remote method returns."""
+    return ray.get(ref)
+
+
 @contextmanager
 def _translated(sandbox_id: str) -> Iterator[None]:
-    """Ray's actor-death errors become ours at this boundary; CaveErrors pass through as they are."""
+    """Ray's actor-death errors become ours at this boundary; CaveErrors pass through."""
     try:
         yield
     except RayActorError as exc:
@@ -31,13 +37,15 @@ def _translated(sandbox_id: str) -> Iterator[None]:
 
 @cache
 def _directory() -> ActorHandle:
-    return SandboxDirectory.options(name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True,
+    return SandboxDirectory.options(  # type: ignore[attr-defined]
+        name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True,
                                     lifetime="detached").remote()
 
 
 @cache
 def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
-    return WarmPool.options(name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True,
+    return WarmPool.options(  # type: ignore[attr-defined]
+        name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True,
                             lifetime="detached", **pinned(node_id)).remote(
         node_id, settings.isolation, settings.pool.size_per_node)
 
@@ -69,17 +77,21 @@ class SandboxHandle:
                     ) -> Iterator[OutputChunk | ExecResult]:
         """Output chunks as the command writes them, then the ExecResult."""
         with _translated(self.id):
-            for ref in self.actor.exec.remote(command, **kwargs):
-                yield ray.get(ref)
+            refs: Iterator[Any] = self.actor.exec.remote(command, **kwargs)
+            for ref in refs:
+                item: OutputChunk | ExecResult = _get(ref)
+                yield item
 
     def run(self, command: str | list[str], **kwargs: object) -> ExecOutput:
         """Run to completion in one actor call."""
         with _translated(self.id):
-            return ray.get(self.actor.run.remote(command, **kwargs))
+            output: ExecOutput = _get(self.actor.run.remote(command, **kwargs))
+            return output
 
     def info(self) -> SandboxInfo:
         with _translated(self.id):
-            return ray.get(self.actor.info.remote())
+            info: SandboxInfo = _get(self.actor.info.remote())
+            return info
 
     def stop(self) -> SandboxInfo:
         return stop_sandbox(self.id)
@@ -89,19 +101,20 @@ def create_sandbox(settings: Settings, overrides: LimitOverrides | None = None,
                    node_id: str | None = None, sandbox_id: str | None = None) -> SandboxHandle:
     limits = resolve_limits(overrides, settings)  # bad limits fail before any actor is touched
     node = choose_node(node_id)
-    actor = ray.get(warm_pool(node, settings).acquire.remote())
+    actor: ActorHandle = _get(warm_pool(node, settings).acquire.remote())
     sandbox_id = sandbox_id or uuid.uuid4().hex
     try:
-        ray.get(actor.start.remote(sandbox_id, limits))
+        _get(actor.start.remote(sandbox_id, limits))
     except BaseException:
         ray.kill(actor)
         raise
-    ray.get(_directory().register.remote(sandbox_id, actor, node))
+    _get(_directory().register.remote(sandbox_id, actor, node))
     return SandboxHandle(sandbox_id, node, actor)
 
 
 def get_sandbox(sandbox_id: str) -> SandboxHandle:
-    actor, node = ray.get(_directory().lookup.remote(sandbox_id))
+    entry: tuple[ActorHandle, str] = _get(_directory().lookup.remote(sandbox_id))
+    actor, node = entry
     return SandboxHandle(sandbox_id, node, actor)
 
 
@@ -109,8 +122,8 @@ def stop_sandbox(sandbox_id: str) -> SandboxInfo:
     """Stop the sandbox, release everything it held, and end its actor."""
     handle = get_sandbox(sandbox_id)
     try:
-        info = ray.get(handle.actor.stop.remote())
+        info: SandboxInfo = _get(handle.actor.stop.remote())
     finally:
-        ray.get(_directory().remove.remote(sandbox_id))
+        _get(_directory().remove.remote(sandbox_id))
         ray.kill(handle.actor)
     return info

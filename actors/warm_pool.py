@@ -1,4 +1,4 @@
-"""WarmPool: per-node Ray actor that keeps sandbox actors prepared, so a create pays no worker start."""
+"""WarmPool: a per-node actor keeping sandbox actors prepared, so a create pays no worker start."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ class PoolService:
 
     def _new_actor(self) -> ActorHandle:
         self.created += 1
-        return SandboxActor.options(**pinned(self.node_id)).remote(self.isolation)
+        options = pinned(self.node_id)
+        return SandboxActor.options(**options).remote(self.isolation)  # type: ignore[attr-defined]
 
     async def _prepare_one(self) -> None:
         self._filling += 1

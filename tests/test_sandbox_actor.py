@@ -1,4 +1,4 @@
-"""Sandbox actors on a real local Ray cluster: pool, placement, streaming exec, files, stop, errors."""
+"""Sandbox actors on a real local Ray cluster: pool, placement, streaming, files, stop, errors."""
 
 from __future__ import annotations
 

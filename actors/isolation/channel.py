@@ -7,16 +7,16 @@ import itertools
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from actors.isolation import protocol
+from actors.isolation.aio import wait_writable
 from cave.errors import SandboxError
 
 Reply = tuple[protocol.Message, list[int]]
 
 
 class Channel:
-    """Multiplexes concurrent requests over one SEQPACKET socket; every reply carries its request id."""
+    """Concurrent requests over one SEQPACKET socket; every reply carries its request's id."""
 
     def __init__(self, sock: socket.socket, on_event: Callable[[protocol.Message], None]) -> None:
         self._sock = sock
@@ -44,7 +44,7 @@ class Channel:
                 protocol.send(self._sock, message, fds)
                 return
             except BlockingIOError:
-                await self._writable()
+                await wait_writable(self._sock.fileno())
             except OSError as exc:
                 raise SandboxError(f"the sandbox process is gone: {exc.strerror}") from None
 
@@ -56,14 +56,6 @@ class Channel:
             return await future
         finally:
             self._pending.pop(request_id, None)
-
-    async def _writable(self) -> None:
-        ready = self._loop.create_future()
-        self._loop.add_writer(self._sock.fileno(), lambda: ready.done() or ready.set_result(None))
-        try:
-            await ready
-        finally:
-            self._loop.remove_writer(self._sock.fileno())
 
     def _readable(self) -> None:
         while True:

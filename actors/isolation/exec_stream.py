@@ -1,4 +1,4 @@
-"""One exec from the host side: pipes handed to the zygote, output read as it comes and capped per stream."""
+"""One exec from the host side: pipes to the zygote, output read as it comes, capped per stream."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from actors.isolation.aio import wait_writable
 from actors.isolation.channel import Channel
 from actors.isolation.results import ExecResult, OutputChunk
 from cave.errors import InvalidArgumentError, QuotaExceededError, SandboxError
@@ -119,7 +120,6 @@ def _result(reply: dict, streams: list[_Stream], started: float, ooms_before: in
 
 async def _feed_stdin(fd: int, data: bytes | None) -> None:
     """Write stdin without blocking the actor; a command that never reads it just never gets it."""
-    loop = asyncio.get_running_loop()
     try:
         if data:
             os.set_blocking(fd, False)
@@ -128,12 +128,7 @@ async def _feed_stdin(fd: int, data: bytes | None) -> None:
                 try:
                     view = view[os.write(fd, view):]
                 except BlockingIOError:
-                    ready = loop.create_future()
-                    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
-                    try:
-                        await ready
-                    finally:
-                        loop.remove_writer(fd)
+                    await wait_writable(fd)
     except (BrokenPipeError, asyncio.CancelledError):
         pass
     finally:

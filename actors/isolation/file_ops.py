@@ -1,4 +1,4 @@
-"""Workspace file operations from the host side: the zygote opens the file safely, the host moves the bytes."""
+"""Workspace files from the host side: the zygote opens them safely, the host moves the bytes."""
 
 from __future__ import annotations
 

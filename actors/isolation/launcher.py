@@ -13,8 +13,8 @@ import sys
 from typing import Any, NoReturn
 
 from actors.isolation import protocol, rootfs
-from actors.isolation.sandbox_files import WORKSPACE
 from actors.isolation import syscalls as sc
+from actors.isolation.sandbox_files import WORKSPACE
 from actors.isolation.zygote import Zygote
 
 # Unshared by the zygote itself: the launcher must stay in the host's mount namespace, where

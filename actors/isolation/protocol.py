@@ -1,8 +1,10 @@
-"""Framing between a sandbox's host side and its zygote: one JSON message per SEQPACKET datagram, fds alongside."""
+"""Host-to-zygote framing: one JSON message per SEQPACKET datagram, file descriptors alongside."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 from typing import Any
 
@@ -45,9 +47,5 @@ def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
 
 
 def _close(fd: int) -> None:
-    import os
-
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

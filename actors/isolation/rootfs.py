@@ -1,4 +1,4 @@
-"""The sandbox's root filesystem: a read-only base, an OverlayFS workspace on a size-capped tmpfs, /proc, /dev."""
+"""A sandbox's root filesystem: read-only base, OverlayFS on a size-capped tmpfs, /proc, /dev."""
 
 from __future__ import annotations
 
@@ -24,20 +24,22 @@ ETC_ALLOWLIST = (
     "inputrc", "magic", "magic.mime", "locale.alias", "python3", "python3.11", "environment",
 )
 BASE_DIRS = {"proc": 0o555, "dev": 0o755, "tmp": 0o1777, "workspace": 0o755, "root": 0o700,
-             "home": 0o755, "etc": 0o755, "run": 0o755, "var": 0o755, "var/tmp": 0o1777, "sys": 0o555}
-# Inodes the sandbox user must own so that it can write there (the lower layer belongs to host root).
+             "home": 0o755, "etc": 0o755, "run": 0o755, "var": 0o755, "var/tmp": 0o1777,
+             "sys": 0o555}
+# Inodes the sandbox user must own to write there (the lower layer belongs to host root).
 SANDBOX_OWNED = ("workspace", "root", "tmp", "var/tmp", "run")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 BASE_VERSION = "1"
 
-PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
+          "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 @dataclass(frozen=True)
 class RootfsSpec:
-    """Everything the mount setup needs; plain values so that it crosses the control socket as JSON."""
+    """What the mount setup needs; plain values so that it crosses the control socket as JSON."""
 
     base: str  # lower layer
     sandbox_dir: str  # per-sandbox host directory holding the mount points
@@ -49,7 +51,7 @@ class RootfsSpec:
 
 
 def ensure_host_base(state_dir: Path) -> tuple[Path, tuple[str, ...]]:
-    """Build (once per node) the lower layer that borrows the host's /usr; returns it and its binds."""
+    """Build (once per node) the lower layer that borrows the host's /usr; returns it, its binds."""
     base = state_dir / f"base-v{BASE_VERSION}"
     binds = tuple(d for d in HOST_SYSTEM_DIRS if _is_real_dir(Path("/") / d))
     if (base / ".complete").exists():
@@ -99,7 +101,7 @@ def _populate_etc(etc: Path) -> None:
 
 
 def assemble(spec: RootfsSpec) -> None:
-    """Mount the sandbox root and pivot into it. Runs as host root inside fresh mount and pid namespaces."""
+    """Mount the sandbox root and pivot into it, as host root in new mount and pid namespaces."""
     sc.mount("none", "/", None, sc.MS_REC | sc.MS_PRIVATE)
     disk, merged = Path(spec.sandbox_dir, "disk"), Path(spec.sandbox_dir, "root")
     disk.mkdir(exist_ok=True)

@@ -1,8 +1,9 @@
-"""Host side of one sandbox: starts it from a warm standby process, runs commands, moves files, tears down."""
+"""Host side of one sandbox: start from a warm standby, run commands, move files, tear down."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from actors.isolation import protocol
+from actors.isolation.aio import wait_readable
 from actors.isolation.backend import Backend
 from actors.isolation.cgroups import CgroupLimits, SandboxCgroup
 from actors.isolation.channel import Channel
@@ -110,7 +112,8 @@ class Sandbox:
             try:
                 event = await asyncio.wait_for(self._events.get(), max(remaining, 0.001))
             except TimeoutError:
-                raise SandboxError(f"sandbox {self.id}: no {op!r} within {START_TIMEOUT_S}s") from None
+                raise SandboxError(
+                    f"sandbox {self.id}: no {op!r} within {START_TIMEOUT_S}s") from None
             if event.get("op") == op:
                 return event
             if event.get("op") in ("failed", "closed"):
@@ -118,13 +121,10 @@ class Sandbox:
                                    f"{event.get('error', 'the launcher exited')}")
 
     def _reap_launcher(self) -> None:
-        if self._launcher is not None and not self.backend.isolated:
+        if self._launcher is None or not self.backend.isolated:
             return  # degraded: the launcher is the zygote
-        if self._launcher is not None:
-            try:
-                self._launcher.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._launcher.wait(timeout=5)
 
     def _require_channel(self) -> Channel:
         if self.state != "running" or self._channel is None or self._channel.closed:
@@ -177,20 +177,9 @@ class Sandbox:
             return
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            await _wait_readable(pidfd)
-            try:
+            await wait_readable(pidfd)
+            with contextlib.suppress(ChildProcessError):  # not ours: the host init reaps it
                 os.waitpid(pid, 0)
-            except ChildProcessError:  # not our child: the host init reaps it
-                pass
         finally:
             os.close(pidfd)
 
-
-async def _wait_readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)

@@ -1,4 +1,4 @@
-"""File operations inside the sandbox workspace, resolved by the kernel so that `..` and symlinks cannot escape."""
+"""Workspace file operations, resolved by the kernel so that `..` and symlinks cannot escape."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Thin ctypes wrappers for the Linux calls the standard library lacks (unshare, mount, clone, openat2)."""
+"""ctypes wrappers for Linux calls the standard library lacks (unshare, mount, clone, openat2)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+def mount(source: str, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
     _check(
         _libc.mount(
             source.encode(),
@@ -69,7 +70,7 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 
 def fork_into_new_pid_namespace() -> int:
-    """fork() whose child is pid 1 of a fresh pid namespace; returns the child's pid, 0 in the child.
+    """fork() whose child is pid 1 of a new pid namespace; returns the child's pid, 0 in the child.
 
     A raw clone(CLONE_NEWPID) skips glibc's fork handlers: safe only in a single-threaded process,
     which the zygote is. It saves the extra fork that unshare(CLONE_NEWPID) would need per exec.

@@ -1,7 +1,11 @@
-"""The zygote: pid 1 of a sandbox. It spawns every command (through cave-exec) and serves file operations."""
+"""The zygote, pid 1 of a sandbox: spawns each command (through cave-exec), serves file ops."""
 
 from __future__ import annotations
 
+# The zygote runs after pivot_root, where the host interpreter's library is out of reach: every
+# module (and codec) it may need later is imported now.
+import encodings.ascii  # noqa: F401
+import encodings.latin_1  # noqa: F401
 import errno
 import os
 import selectors
@@ -10,11 +14,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-
-# The zygote runs after pivot_root, where the host interpreter's library is out of reach: every
-# module (and codec) it may need later is imported now.
-import encodings.ascii  # noqa: F401
-import encodings.latin_1  # noqa: F401
 
 from actors.isolation import protocol, sandbox_files
 

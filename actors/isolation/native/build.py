@@ -15,7 +15,7 @@ SOURCE = Path(__file__).with_name("cave-exec.c")
 
 
 def ensure_exec_helper(state_dir: Path) -> Path:
-    """Path of a built helper; compiles it on first use (static, so it also runs in a custom rootfs)."""
+    """Path of the built helper; compiled on first use (static: it also runs in a custom rootfs)."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     target = state_dir / "bin" / f"cave-exec-{digest}"
     if target.exists():
