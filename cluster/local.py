@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from subprocess import DEVNULL, STDOUT
+from typing import IO
 
 import ray
 from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
@@ -35,6 +37,14 @@ DRAIN_TIMEOUT_S = 20.0
 TERM_TIMEOUT_S = 15.0
 KILL_TIMEOUT_S = 5.0
 POLL_S = 0.1
+RAY_START = [
+    "start",
+    "--head",
+    "--block",
+    "--node-ip-address=127.0.0.1",
+    "--include-dashboard=false",
+    "--disable-usage-stats",
+]
 
 # Run in a fresh interpreter: a driver that can connect and sees an alive node means "ready".
 _PROBE = (
@@ -69,19 +79,18 @@ def start_local_cluster(state_dir: Path, num_cpus: int | None = None) -> Cluster
     running = running_cluster(state_dir)
     if running is not None:
         return running
-    gcs, client, dashboard, agent = _free_ports(4)
+    gcs, client, dashboard, agent = _free_ports(4)  # 6379, Ray's default, may be Redis's
+    flags = f"--port={gcs} --ray-client-server-port={client} --dashboard-port={dashboard} "
+    flags += f"--dashboard-agent-listen-port={agent} --num-cpus={num_cpus or os.cpu_count()}"
     log, token = state_dir / LOG_FILE, _write_token(state_dir / TOKEN_FILE)
-    argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
-            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
-            f"--ray-client-server-port={client}", f"--dashboard-port={dashboard}",
-            f"--dashboard-agent-listen-port={agent}", f"--num-cpus={num_cpus or os.cpu_count()}",
-            "--block"]
     info = ClusterInfo(f"127.0.0.1:{gcs}", 0, 0, str(log), str(token))
     # No drain on SIGTERM: `cave down` has already emptied the cluster, so teardown is immediate.
     env = {**_child_env(info), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        argv = [sys.executable, "-m", "ray.scripts.scripts", *RAY_START, *flags.split()]
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=STDOUT, stdin=DEVNULL, env=env, start_new_session=True
+        )
     info = dataclasses.replace(info, pid=proc.pid, pgid=proc.pid)
     try:
         _wait_ready(info, proc)
@@ -93,16 +102,18 @@ def start_local_cluster(state_dir: Path, num_cpus: int | None = None) -> Cluster
 
 
 def stop_local_cluster(state_dir: Path) -> bool:
-    """Empty the cluster of sandboxes, end every process of its session; False if none ran."""
+    """Empty the cluster of sandboxes, end every process of it; False if nothing was running."""
     info = _read_state(state_dir)
     if info is None:
         return False
-    running = _is_ours(info)
-    if running:
+    if _is_ours(info):
         _drain(info)
+    found = bool(cluster_processes(info))  # also the leftovers of a leader that died
+    if found:
         _terminate(info)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
-    return running
+    Path(info.token_path).unlink(missing_ok=True)
+    return found
 
 
 def cluster_address(state_dir: Path) -> str | None:
@@ -129,14 +140,16 @@ def use_cluster_token(info: ClusterInfo) -> None:
 
 
 def cluster_processes(info: ClusterInfo) -> list[int]:
-    """Live processes of the cluster: its session, and any that name its GCS port."""
+    """Live processes of the cluster: its session (workers leave the group, not the session)
+    and any that name its GCS port."""
     pattern = re.compile(rf"--(gcs-)?address=\S*:{info.port}(\s|$)|--gcs_server_port={info.port}\b")
+    session = info.pid if _session_is_ours(info) else None
     found = []
     for pid in _pids():
         fields = _stat(pid)
         if fields is None or fields[0] in "ZX":
             continue
-        if int(fields[3]) == info.pid or pattern.search(_cmdline(pid)):
+        if int(fields[3]) == session or pattern.search(_cmdline(pid)):
             found.append(pid)
     return found
 
@@ -160,6 +173,13 @@ def _is_ours(info: ClusterInfo) -> bool:
     alive = fields is not None and fields[0] not in "ZX"
     cmdline = _cmdline(info.pid)
     return alive and "start" in cmdline and f"--port={info.port}" in cmdline
+
+
+def _session_is_ours(info: ClusterInfo) -> bool:
+    # Linux never reuses a pid that still names a session, so unless another process now holds
+    # the leader's pid, the processes of session `info.pid` are ours.
+    fields = _stat(info.pid)
+    return fields is None or fields[0] in "ZX" or _is_ours(info)
 
 
 def _write_token(path: Path) -> Path:
@@ -196,8 +216,9 @@ def _check_progress(info: ClusterInfo, proc: subprocess.Popen[bytes], deadline: 
     if proc.poll() is not None:
         raise ClusterError(f"ray start exited with {proc.returncode}:\n{_tail(info.log)}")
     if time.monotonic() > deadline:
-        raise ClusterError(f"no answer from {info.address} within {START_TIMEOUT_S:g} s:\n"
-                                f"{_tail(info.log)}")
+        raise ClusterError(
+            f"no answer from {info.address} within {START_TIMEOUT_S:g} s:\n{_tail(info.log)}"
+        )
 
 
 def _port_open(port: int) -> bool:
@@ -207,13 +228,20 @@ def _port_open(port: int) -> bool:
 
 
 def _probe(info: ClusterInfo, deadline: float) -> bool:
-    timeout = max(1.0, min(PROBE_TIMEOUT_S, deadline - time.monotonic()))
+    timeout_s = max(1.0, min(PROBE_TIMEOUT_S, deadline - time.monotonic()))
+    return _python(info, ["-c", _PROBE, info.address], timeout_s, DEVNULL) == 0
+
+
+def _python(info: ClusterInfo, args: list[str], timeout_s: float, out: IO[bytes] | int) -> int:
+    """Run this interpreter as a driver of the cluster; -1 when it ran out of time."""
+    argv, env = [sys.executable, *args], _child_env(info)
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE, info.address], timeout=timeout,
-                              env=_child_env(info), stdin=subprocess.DEVNULL, capture_output=True)
+        done = subprocess.run(
+            argv, env=env, stdin=DEVNULL, stdout=out, stderr=out, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
-        return False
-    return done.returncode == 0
+        return -1
+    return done.returncode
 
 
 def _tail(log: str, lines: int = 20) -> str:
@@ -225,18 +253,21 @@ def _tail(log: str, lines: int = 20) -> str:
 
 def _drain(info: ClusterInfo) -> None:
     """Stop the sandboxes and empty the warm pools first, so no sandbox process outlives Ray."""
-    with open(info.log, "ab") as out, contextlib.suppress(subprocess.TimeoutExpired):
-        subprocess.run([sys.executable, "-m", "cluster.local", "drain", info.address],
-                       env=_child_env(info), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                       timeout=DRAIN_TIMEOUT_S)
+    with open(info.log, "ab") as out:
+        _python(info, ["-m", "cluster.local", "drain", info.address], DRAIN_TIMEOUT_S, out)
 
 
 def _terminate(info: ClusterInfo) -> None:
     """SIGTERM the leader (it stops its children in order) and its group, then SIGKILL the rest."""
-    _signal([info.pid], signal.SIGTERM)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(info.pgid, signal.SIGTERM)
-    if _wait_gone(info, TERM_TIMEOUT_S):
+    patience = TERM_TIMEOUT_S
+    if _is_ours(info):
+        _signal([info.pid], signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(info.pgid, signal.SIGTERM)
+    else:  # the leader is gone; what it left (Ray's agents) ignores SIGTERM, so be brief
+        _signal(cluster_processes(info), signal.SIGTERM)
+        patience = KILL_TIMEOUT_S
+    if _wait_gone(info, patience):
         return
     _signal(cluster_processes(info), signal.SIGKILL)
     _wait_gone(info, KILL_TIMEOUT_S)
@@ -278,8 +309,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _drain_cluster(address: str) -> None:
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
-             log_to_driver=False)
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
     names = ray.util.list_named_actors()
     pools = [ray.get_actor(n, namespace=NAMESPACE) for n in names if n.startswith("cave-pool-")]
     _best_effort(ray.get, [pool.drain.remote() for pool in pools], timeout=DRAIN_TIMEOUT_S / 2)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from actors.isolation import bwrap
 from actors.isolation.cgroups import CgroupDriver, open_driver
 from actors.isolation.native.build import ensure_exec_helper
-from actors.isolation.rootfs import ensure_host_base
+from actors.isolation.rootfs import RootfsSpec, ensure_host_base
 from actors.isolation.seccomp_policy import compile_policy
 from cave.errors import CaveError, IsolationUnavailableError
 from config.settings import IsolationSettings
@@ -30,7 +33,7 @@ _PROBE = (
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "builtin" | "none" (degraded)
+    name: str  # "builtin" | "bwrap" | "none" (degraded)
     isolated: bool
     state_dir: Path
     base: Path
@@ -39,6 +42,7 @@ class Backend:
     cgroups: CgroupDriver | None
     exec_helper: Path
     seccomp_bpf: bytes | None
+    bwrap_path: str | None = None  # the bwrap binary the probe ran (bwrap backend only)
 
 
 def namespaces_work() -> bool:
@@ -62,12 +66,13 @@ def select_backend(settings: IsolationSettings) -> Backend:
     _become_subreaper()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     helper = ensure_exec_helper(settings.state_dir)
-    reason = "CAVE_ISOLATION_BACKEND=none"
-    if settings.backend != "none":
+    reasons = []
+    for name, make in _CANDIDATES[settings.backend]:
         try:
-            return _builtin(settings, helper)
+            return make(settings, helper)
         except CaveError as exc:
-            reason = str(exc)
+            reasons.append(f"{name}: {exc}")
+    reason = "; ".join(reasons) or "CAVE_ISOLATION_BACKEND=none"
     if settings.no_fallback:
         raise IsolationUnavailableError(f"cannot isolate sandboxes: {reason} "
                                         "(CAVE_ISOLATION_NO_FALLBACK=true)")
@@ -86,6 +91,33 @@ def _builtin(settings: IsolationSettings, helper: Path) -> Backend:
         base, binds = ensure_host_base(settings.state_dir)
     return Backend("builtin", True, settings.state_dir, base, binds, settings.sandbox_uid,
                    open_driver(settings.cgroup_root), helper, compile_policy())
+
+
+# --- bwrap backend (actors/isolation/bwrap.py) ---
+def _bwrap(settings: IsolationSettings, helper: Path) -> Backend:
+    if settings.rootfs is not None:
+        raise IsolationUnavailableError("CAVE_ROOTFS is not supported: the zygote runs on the "
+                                        "host's Python, which a custom root does not have")
+    base, binds = ensure_host_base(settings.state_dir)
+    # Not root: bwrap runs as this service's own uid, the only one it can map without privileges.
+    uid = settings.sandbox_uid if os.geteuid() == 0 else os.geteuid()
+    spec = RootfsSpec(str(base), "", 1 << 20, 1 << 20, uid, "cave-probe", binds)
+    try:
+        path = bwrap.resolve(settings.bwrap_path)
+        bwrap.probe(path, spec, str(helper))
+    except bwrap.BwrapError as exc:
+        raise IsolationUnavailableError(str(exc)) from None
+    return Backend("bwrap", True, settings.state_dir, base, binds, uid,
+                   _cgroups_or_none(settings), helper, compile_policy(), bwrap_path=path)
+
+
+_CANDIDATES: dict[str, tuple[tuple[str, Callable[[IsolationSettings, Path], Backend]], ...]] = {
+    "auto": (("builtin", _builtin), ("bwrap", _bwrap)),
+    "builtin": (("builtin", _builtin),),
+    "bwrap": (("bwrap", _bwrap),),
+    "none": (),
+}
+# --- end bwrap backend ---
 
 
 def _seccomp_or_none() -> bytes | None:

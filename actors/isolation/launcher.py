@@ -12,7 +12,7 @@ import socket
 import sys
 from typing import Any, NoReturn
 
-from actors.isolation import protocol, rootfs
+from actors.isolation import bwrap, protocol, rootfs
 from actors.isolation import syscalls as sc
 from actors.isolation.sandbox_files import WORKSPACE
 from actors.isolation.zygote import Zygote
@@ -46,6 +46,8 @@ def main() -> NoReturn:
     if setup is None:
         os._exit(0)
     try:
+        if setup.get("backend") == "bwrap":  # bwrap backend: see actors/isolation/bwrap.py
+            _launch_bwrap(sock, setup)
         if setup["isolated"]:
             _launch_isolated(sock, setup)
         _launch_degraded(sock, setup)
@@ -111,6 +113,14 @@ def _become_zygote(sock: socket.socket, setup: dict[str, Any], to_parent: int,
         os._exit(1)
     protocol.send(sock, {"op": "ready"})
     Zygote(sock, f"/proc/self/fd/{helper_fd}", bpf_fd, workspace=WORKSPACE).serve()
+
+
+# --- bwrap backend (actors/isolation/bwrap.py) ---
+def _launch_bwrap(sock: socket.socket, setup: dict[str, Any]) -> NoReturn:
+    """bwrap builds namespaces and root as the sandbox uid; the cgroup is joined first, as root."""
+    _join_cgroup(setup)
+    bwrap.launch(sock, setup, _seccomp_memfd(setup))
+# --- end bwrap backend ---
 
 
 def _launch_degraded(sock: socket.socket, setup: dict[str, Any]) -> NoReturn:

@@ -1,4 +1,4 @@
-"""The sandbox's seccomp policy, compiled once to classic BPF and installed per exec by ctypes.
+"""The sandbox's seccomp policy, compiled once to classic BPF; cave-exec installs it per command.
 
 Default action ALLOW; the filter refuses only what a sandboxed command never needs and what would
 widen its reach (see `docs/seccomp.md` for the full table, `policy_table()` renders it):
@@ -14,13 +14,13 @@ widen its reach (see `docs/seccomp.md` for the full table, `policy_table()` rend
 | a foreign architecture (i386 `int 0x80`, x32) | KILL_PROCESS             |
 | anything else                                 | ALLOW                    |
 
-The zygote calls `compile_policy()` once; each forked child calls `install()` (through
-`privileges.harden_child`) right before `execve`, after setting no_new_privs.
+The backend calls `compile_policy()` once; the launcher puts the bytes in a memfd and the
+`cave-exec` helper (`native/cave-exec.c`) reads it from BPF_FD and attaches it right before
+`execvp`, after dropping every capability and setting no_new_privs.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import logging
@@ -166,7 +166,6 @@ def compile_policy() -> bytes:
         program = _export_bpf(_build_filter())
     except OSError as exc:
         raise IsolationUnavailableError(f"compiling the seccomp policy failed: {exc}") from exc
-    _sock_fprog(program)  # ready for install() in every child forked from here
     return program
 
 
@@ -221,64 +220,6 @@ def _condition(rule: ArgRule) -> str:
     if rule.syscall == "personality":
         return "arg0 not 0 nor 0xffffffff"
     return f"arg{rule.arg} & {rule.mask:#x} == {rule.value:#x}"
-
-
-# --- installing a compiled program, per exec, without libseccomp -------------------------------
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.prctl.argtypes = (
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-)
-_LIBC.prctl.restype = ctypes.c_int
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
-_BPF_MAXINSNS = 4096
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = (
-        ("code", ctypes.c_uint16),
-        ("jt", ctypes.c_uint8),
-        ("jf", ctypes.c_uint8),
-        ("k", ctypes.c_uint32),
-    )
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter)))
-
-
-def install(program: bytes) -> None:
-    """Attach `program` (from `compile_policy`) to the calling thread; it is inherited by execve.
-
-    The kernel accepts a filter only from a process with no_new_privs set or CAP_SYS_ADMIN:
-    callers set no_new_privs first (`privileges.harden_child` does). Filters stack and cannot
-    be removed.
-    """
-    fprog = _sock_fprog(program)
-    if _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise IsolationUnavailableError(
-            f"installing the seccomp filter failed: {errno.errorcode.get(err, err)}"
-            f" ({os.strerror(err)})"
-        )
-
-
-@functools.lru_cache(maxsize=4)
-def _sock_fprog(program: bytes) -> _SockFprog:
-    # Cached, and built by compile_policy in the zygote: building ctypes objects in a freshly
-    # forked child costs ~0.2 ms of copy-on-write faults (measured), reusing them does not.
-    count, remainder = divmod(len(program), ctypes.sizeof(_SockFilter))
-    if remainder or not 0 < count <= _BPF_MAXINSNS:
-        raise IsolationUnavailableError(
-            f"seccomp program of {len(program)} bytes is not 1..{_BPF_MAXINSNS} instructions"
-        )
-    instructions = (_SockFilter * count).from_buffer_copy(program)
-    return _SockFprog(count, instructions)  # holds `instructions` alive (ctypes' _objects)
 
 
 if __name__ == "__main__":  # `python -m actors.isolation.seccomp_policy [pfc]`

@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(group: argparse._SubParsersAction, name: str, text: str,
-             handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+def _command(
+    group: argparse._SubParsersAction,
+    name: str,
+    text: str,
+    handler: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = group.add_parser(name, help=text, description=text)
     parser.set_defaults(handler=handler, parser=parser)
     return parser
@@ -93,8 +97,11 @@ def _print_up(info: ClusterInfo, stats: dict[str, int], was_running: bool, took_
     print(f"CAVE cluster {state} at {info.address} (pid {info.pid}, log {info.log})")
     print(f"warm pool: {stats['ready']} of {stats['size']} sandboxes ready")
     if stats["ready"] < stats["size"]:
-        print(f"cave: warning: the warm pool is not full after {PREWARM_TIMEOUT_S:g} s; "
-              f"see {info.log} and Ray's logs", file=sys.stderr)
+        print(
+            f"cave: warning: the warm pool is not full after {PREWARM_TIMEOUT_S:g} s; "
+            f"see {info.log} and Ray's logs",
+            file=sys.stderr,
+        )
     variables = {"RAY_ADDRESS": info.address, **driver_env(info)}
     print("export " + " ".join(f"{k}={v}" for k, v in variables.items()))
 

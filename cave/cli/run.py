@@ -21,13 +21,13 @@ from config.settings import (
 )
 
 TIMEOUT_EXIT_CODE = 124
-LIMIT_FLAGS = {  # flag -> (LimitOverrides field, type, help)
-    "--memory-mb": ("memory_mb", int, "memory limit in MiB"),
-    "--pids": ("pids", int, "most processes and threads at once"),
-    "--timeout-s": ("timeout_s", float, "wall-clock seconds before the command is killed"),
-    "--disk-mb": ("disk_mb", int, "workspace size in MiB"),
-    "--cpu": ("cpu", float, "CPUs' worth of time, may be fractional"),
-    "--output-bytes": ("output_bytes", int, "bytes of stdout and of stderr kept"),
+LIMIT_FLAGS = {  # flag -> (LimitOverrides field, type, metavar, help)
+    "--memory-mb": ("memory_mb", int, "N", "memory limit in MiB"),
+    "--pids": ("pids", int, "N", "most processes and threads at once"),
+    "--timeout-s": ("timeout_s", float, "S", "wall-clock seconds before the command is killed"),
+    "--disk-mb": ("disk_mb", int, "N", "workspace size in MiB"),
+    "--cpu": ("cpu", float, "C", "CPUs' worth of time, may be fractional"),
+    "--output-bytes": ("output_bytes", int, "N", "bytes of stdout and of stderr kept"),
 }
 
 
@@ -42,23 +42,32 @@ class RunRequest:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for flag, (dest, kind, text) in LIMIT_FLAGS.items():
-        parser.add_argument(flag, dest=dest, type=kind, metavar="N", help=text)
-    parser.add_argument("--env", action="append", default=[], metavar="K=V",
-                        help="environment variable for the command (repeatable)")
+    for flag, (dest, kind, metavar, text) in LIMIT_FLAGS.items():
+        parser.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="environment variable for the command (repeatable)",
+    )
     parser.add_argument("--cwd", metavar="DIR", help="working directory inside the sandbox")
-    parser.add_argument("--json", action="store_true", dest="as_json",
-                        help="print one JSON object with the result and output, nothing else")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        dest="as_json",
+        help="print one JSON object with the result and output, nothing else",
+    )
     parser.add_argument("command", nargs="*", metavar="-- CMD ARGS", help="the command to run")
 
 
 def run(args: argparse.Namespace) -> int:
     """Parse and check everything first, so bad input fails before a sandbox exists."""
-    given = {dest: getattr(args, dest) for dest, _, _ in LIMIT_FLAGS.values()}
-    request = RunRequest(args.command, parse_overrides(**given), _parse_env(args.env), args.cwd,
-                         _read_stdin(), args.as_json)
+    given = {dest: getattr(args, dest) for dest, *_ in LIMIT_FLAGS.values()}
+    overrides, env = parse_overrides(**given), _parse_env(args.env)
     settings = load_settings()
-    limits = resolve_limits(request.overrides, settings)
+    limits = resolve_limits(overrides, settings)
+    request = RunRequest(args.command, overrides, env, args.cwd, _read_stdin(), args.as_json)
     with connected():
         handle = create_sandbox(settings, request.overrides)
         try:
@@ -95,8 +104,13 @@ def _execute(handle: SandboxHandle, request: RunRequest) -> _Outcome:
     """Stream output to our stdout/stderr as it comes, or collect it for --json."""
     sinks: dict[str, BinaryIO] = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     kept: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-    items = handle.exec_stream(request.argv, env=request.env, cwd=request.cwd,
-                               stdin=request.stdin, timeout_s=request.overrides.timeout_s)
+    items = handle.exec_stream(
+        request.argv,
+        env=request.env,
+        cwd=request.cwd,
+        stdin=request.stdin,
+        timeout_s=request.overrides.timeout_s,
+    )
     for item in items:
         if isinstance(item, ExecResult):
             return _Outcome(item, b"".join(kept["stdout"]), b"".join(kept["stderr"]))
@@ -121,16 +135,24 @@ def _report(outcome: _Outcome, limits: SandboxLimits, as_json: bool) -> int:
     result = outcome.result
     code = TIMEOUT_EXIT_CODE if result.timed_out else result.exit_code
     if as_json:
-        print(json.dumps({
-            "exit_code": code, "timed_out": result.timed_out, "oom_killed": result.oom_killed,
-            "truncated": result.truncated, "duration_ms": round(result.duration_ms, 3),
-            "stdout": outcome.stdout.decode("utf-8", errors="replace"),
-            "stderr": outcome.stderr.decode("utf-8", errors="replace"),
-        }))
+        print(
+            json.dumps(
+                {
+                    "exit_code": code,
+                    "timed_out": result.timed_out,
+                    "oom_killed": result.oom_killed,
+                    "truncated": result.truncated,
+                    "duration_ms": round(result.duration_ms, 3),
+                    "stdout": outcome.stdout.decode("utf-8", errors="replace"),
+                    "stderr": outcome.stderr.decode("utf-8", errors="replace"),
+                }
+            )
+        )
         return code
     if result.truncated:
-        print(f"cave: output was truncated to {limits.output_bytes} bytes per stream",
-              file=sys.stderr)
+        print(
+            f"cave: output was truncated to {limits.output_bytes} bytes per stream", file=sys.stderr
+        )
     if result.timed_out:
         print(f"cave: command timed out after {limits.timeout_s:g} s", file=sys.stderr)
     elif result.oom_killed:

@@ -31,11 +31,13 @@ def connected(address: str | None = None) -> Iterator[str]:
         raise ClusterError(NO_CLUSTER)
     _use_token_of(address)
     try:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
-                 log_to_driver=False)
+        ray.init(
+            address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False
+        )
     except ConnectionError as exc:
-        raise ClusterError(f"cannot reach the cluster at {address} ({exc}); "
-                           "start one with `cave up`") from None
+        raise ClusterError(
+            f"cannot reach the cluster at {address} ({exc}); start one with `cave up`"
+        ) from None
     try:
         yield address
     finally:

@@ -8,7 +8,7 @@ import pytest
 
 from actors.isolation.backend import Backend
 from cave.errors import InvalidArgumentError, InvalidPathError, NotFoundError
-from tests.isolation.conftest import async_test, open_sandbox, run
+from tests.isolation.conftest import assert_still_works, async_test, open_sandbox, run
 
 # Generous: a hang is what this guards against, not a slow reply.
 HANG_GUARD_S = 20
@@ -97,6 +97,21 @@ async def test_symlink_staying_inside_is_followed(backend: Backend) -> None:
         _, _, result = await run(sandbox, "ln -s real/data.txt /workspace/alias")
         assert result.exit_code == 0
         assert await sandbox.files.read("alias") == b"inside"
+
+
+@async_test
+async def test_non_utf8_file_name_from_list_can_be_read_back(backend: Backend) -> None:
+    # A program may name a file with any bytes; list() shows it the way os.listdir does
+    # (surrogate escapes), and handing that name back must work, not end the sandbox.
+    async with open_sandbox(backend) as sandbox:
+        _, err, result = await run(sandbox, "printf data > \"$(printf 'caf\\351')\"")  # Latin-1
+        assert result.exit_code == 0, err
+        [entry] = await sandbox.files.list()
+        assert entry.name == "caf\udce9"
+        assert await sandbox.files.read(entry.name) == b"data"
+        await sandbox.files.write(entry.name, b"new")
+        assert await sandbox.files.read(entry.name) == b"new"
+        await assert_still_works(sandbox)
 
 
 @async_test

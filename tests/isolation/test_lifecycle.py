@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 from actors.isolation.backend import Backend, select_backend
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.isolation.sandbox import Sandbox
-from cave.errors import InvalidArgumentError, IsolationUnavailableError, SandboxStateError
+from cave.errors import (
+    CaveError,
+    InvalidArgumentError,
+    IsolationUnavailableError,
+    SandboxStateError,
+)
 from config.settings import load_settings
 from tests.isolation.conftest import (
     LIMITS,
     assert_still_works,
     async_test,
+    host_pids_with_cmdline,
     isolation_env,
     open_sandbox,
+    poll_until,
     run,
+    unique_sleep,
 )
 
 
@@ -45,7 +54,7 @@ async def test_stop_is_idempotent(backend: Backend) -> None:
 
 
 @async_test
-async def test_stop_before_start_releases_the_standby(backend: Backend) -> None:
+async def test_stop_before_start_is_final(backend: Backend) -> None:
     sandbox = Sandbox(backend)
     await sandbox.prepare()
     await sandbox.stop()
@@ -63,6 +72,28 @@ async def test_empty_argv_is_invalid(backend: Backend, argv: list[str]) -> None:
         await assert_still_works(sandbox)
 
 
+# Each of these can never run (execve takes C strings; env names cannot hold "="): the caller
+# must hear so, and the sandbox, with any other exec running in it, must live on.
+MALFORMED_EXECS = {
+    "nul-in-arg": (["echo", "a\0b"], None),
+    "nul-in-program": (["echo\0x"], None),
+    "non-string-arg": (["echo", 1], None),
+    "nul-in-env-value": (["true"], {"A": "x\0y"}),
+    "equals-in-env-name": (["true"], {"A=B": "c"}),
+    "non-string-env-value": (["true"], {"A": 1}),
+}
+
+
+@pytest.mark.parametrize(("argv", "env"), MALFORMED_EXECS.values(), ids=MALFORMED_EXECS.keys())
+@async_test
+async def test_malformed_exec_is_refused_without_killing_the_sandbox(
+        backend: Backend, argv: list[Any], env: dict[str, Any] | None) -> None:
+    async with open_sandbox(backend) as sandbox:
+        with pytest.raises(InvalidArgumentError):
+            await run(sandbox, argv, env=env)
+        await assert_still_works(sandbox)
+
+
 @pytest.mark.parametrize("timeout_s", [LIMITS.timeout_s + 1, 0, -1])
 @async_test
 async def test_timeout_outside_the_limit_is_invalid(backend: Backend, timeout_s: float) -> None:
@@ -70,6 +101,36 @@ async def test_timeout_outside_the_limit_is_invalid(backend: Backend, timeout_s:
         with pytest.raises(InvalidArgumentError):
             await run(sandbox, ["echo", "x"], timeout_s=timeout_s)
         await assert_still_works(sandbox)
+
+
+@async_test
+async def test_argv_larger_than_a_control_message_does_not_break_the_sandbox(
+        backend: Backend) -> None:
+    # 1.5 MB of arguments: within the kernel's execve limit (a quarter of the 8 MiB stack), above
+    # the 1 MiB control-socket message. Running it or refusing it are both fine; losing the
+    # sandbox (and every other exec in it) is not.
+    args = ["x" * 100_000] * 15
+    async with open_sandbox(backend) as sandbox:
+        try:
+            out, _, result = await run(sandbox, ["printf", "%.1s", *args])
+        except InvalidArgumentError:
+            pass
+        else:
+            assert (out, result.exit_code) == (b"x" * len(args), 0)
+        await assert_still_works(sandbox)
+
+
+@async_test
+async def test_stop_during_an_exec_ends_it_and_its_processes(backend: Backend) -> None:
+    duration = unique_sleep()
+    async with open_sandbox(backend) as sandbox:
+        running = asyncio.ensure_future(run(sandbox, ["sleep", duration]))
+        await poll_until(lambda: host_pids_with_cmdline(["sleep", duration]) != [],
+                         "the sleep never started")
+        await sandbox.stop()
+        with pytest.raises(CaveError):
+            await running
+    assert host_pids_with_cmdline(["sleep", duration]) == []
 
 
 @async_test

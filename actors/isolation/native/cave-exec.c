@@ -43,8 +43,11 @@ static void drop_privileges(int bpf_fd) {
     static unsigned char bpf[MAX_BPF_BYTES];
     ssize_t n = bpf_fd >= 0 ? pread(bpf_fd, bpf, sizeof bpf, 0) : 0;
     if (n < 0 || n % sizeof(struct sock_filter)) die(126, "cannot read the seccomp filter", NULL);
+    /* Dropping needs CAP_SETPCAP, which a degraded (non-root) zygote lacks. Without it nothing
+     * can be gained from the bounding set anyway: no_new_privs below blocks setuid and file caps. */
     for (int cap = 0; cap <= 63; cap++)
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL) die(126, "PR_CAPBSET_DROP", NULL);
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL && errno != EPERM)
+            die(126, "PR_CAPBSET_DROP", NULL);
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct data[2];
