@@ -1,4 +1,4 @@
-"""Which isolation this node can give (namespaces, bubblewrap, or degraded), probed once and shared by its sandboxes."""
+"""Which isolation this node gives (namespaces, bubblewrap or degraded), probed once per process."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Backend:
 
 
 def namespaces_work() -> bool:
-    """Can this process create the sandbox namespaces? Probed in a child so a failure costs nothing."""
+    """Can this process create the sandbox namespaces? Probed in a child: a failure costs nothing."""
     root = str(Path(__file__).resolve().parents[2])
     probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=root, capture_output=True,
                            env={"PYTHONPATH": root}, timeout=30)
@@ -86,7 +86,7 @@ def _builtin(settings: IsolationSettings, helper: Path) -> Backend:
         raise IsolationUnavailableError("the namespaces needed (user, pid, mount, net, ipc, uts) "
                                         "or OverlayFS are not available to this process")
     if settings.rootfs is not None:
-        base, binds = settings.rootfs, ()
+        base, binds = settings.rootfs, tuple[str, ...]()
     else:
         base, binds = ensure_host_base(settings.state_dir)
     return Backend("builtin", True, settings.state_dir, base, binds, settings.sandbox_uid,

@@ -1,4 +1,4 @@
-"""Standby process that becomes a sandbox: joins the cgroup, unshares namespaces, mounts the root, forks the zygote.
+"""Standby process that becomes a sandbox: cgroup, namespaces, root filesystem, then the zygote.
 
 Started ahead of time (warm) by the host side with the control socket on the fd named in argv; it
 waits for one `setup` message. Run with `python -m actors.isolation.launcher FD`.
@@ -30,7 +30,7 @@ def _high_fd(fd: int) -> int:
 
 
 def _seccomp_memfd(setup: dict[str, Any]) -> int:
-    """The seccomp program (compiled by the host side) in a memfd that cave-exec reads; -1 for none."""
+    """The seccomp program (compiled by the host) in a memfd that cave-exec reads; -1 for none."""
     if not setup.get("seccomp_bpf"):
         return -1
     fd = os.memfd_create("cave-seccomp", os.MFD_CLOEXEC)
@@ -99,7 +99,7 @@ def _become_zygote(sock: socket.socket, setup: dict[str, Any], to_parent: int,
         sc.unshare(CHILD_NAMESPACES)
         rootfs.assemble(rootfs.RootfsSpec(**setup["rootfs"]))
         # The user namespace comes last: mount, net, uts and ipc namespaces stay owned by the
-        # host's user namespace, so even the zygote's capabilities cannot remount or reconfigure them.
+        # host's user namespace: even the zygote's capabilities cannot remount or reconfigure them.
         sc.unshare(sc.CLONE_NEWUSER)
         os.write(to_parent, b"u")
         if os.read(from_parent, 1) != b"m":

@@ -89,6 +89,7 @@ class Sandbox:
             "op": "setup",
             "isolated": self.backend.isolated,
             "backend": self.backend.name,
+            "bwrap_path": self.backend.bwrap_path,
             "uid": self.backend.sandbox_uid,
             "cgroup_procs": self._cgroup.procs_files() if self._cgroup else [],
             "exec_helper": str(self.backend.exec_helper),
