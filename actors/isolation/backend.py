@@ -46,7 +46,7 @@ class Backend:
 
 
 def namespaces_work() -> bool:
-    """Can this process create the sandbox namespaces? Probed in a child: a failure costs nothing."""
+    """Can this process create the sandbox namespaces? Probed in a child, so failing is free."""
     root = str(Path(__file__).resolve().parents[2])
     probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=root, capture_output=True,
                            env={"PYTHONPATH": root}, timeout=30)

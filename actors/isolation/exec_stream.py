@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from actors.isolation import protocol
 from actors.isolation.aio import wait_writable
 from actors.isolation.channel import Channel
 from actors.isolation.results import ExecResult, OutputChunk
@@ -62,8 +63,29 @@ class _Stream:
             self.queue.put_nowait(None)
 
 
+def check_request(req: ExecRequest) -> None:
+    """Refuse what posix_spawn or the control socket would choke on, before touching the sandbox."""
+    if not req.argv or not all(isinstance(a, str) and "\0" not in a for a in req.argv):
+        raise InvalidArgumentError("argv must be a non-empty list of strings without NUL bytes")
+    if not req.argv[0]:
+        raise InvalidArgumentError("argv[0] must not be empty")
+    if req.cwd is not None and (not isinstance(req.cwd, str) or "\0" in req.cwd):
+        raise InvalidArgumentError("cwd must be a path string without NUL bytes")
+    for key, value in req.env.items():
+        if not (isinstance(key, str) and isinstance(value, str)) or not key or "=" in key or \
+                "\0" in key + value:
+            raise InvalidArgumentError(f"bad environment variable {key!r}: names must be "
+                                       "non-empty without '=', values strings, no NUL bytes")
+    size = len(protocol.encode({"op": "exec", "argv": req.argv, "env": req.env,
+                                "cwd": req.cwd, "timeout_s": req.timeout_s, "id": 0}))
+    if size > protocol.MAX_MESSAGE_BYTES - 1024:
+        raise InvalidArgumentError(f"argv and env take {size} bytes; at most "
+                                   f"{protocol.MAX_MESSAGE_BYTES - 1024} are accepted")
+
+
 async def run_exec(channel: Channel, req: ExecRequest,
                    oom_count: Callable[[], int]) -> AsyncIterator[OutputChunk | ExecResult]:
+    check_request(req)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -103,7 +125,7 @@ def _result(reply: dict, streams: list[_Stream], started: float, ooms_before: in
         if reply.get("errno") == EAGAIN:
             raise QuotaExceededError(f"cannot start the command: {reply['error']} "
                                      "(the sandbox's process limit is reached)")
-        if reply.get("errno") == 2:
+        if reply.get("errno") == 2 or reply.get("kind") == "invalid_argument":
             raise InvalidArgumentError(str(reply["error"]))
         raise SandboxError(f"cannot start the command: {reply['error']}")
     code = int(reply["exit_code"])

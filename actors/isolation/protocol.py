@@ -38,11 +38,15 @@ def send(sock: socket.socket, message: Message, fds: list[int] | None = None) ->
 
 def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
     """Blocking receive; (None, []) when the peer has gone."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE_BYTES, MAX_FDS)
+    data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE_BYTES, MAX_FDS)
     if not data:
         for fd in fds:
             _close(fd)
         return None, []
+    if flags & socket.MSG_TRUNC:
+        for fd in fds:
+            _close(fd)
+        raise ValueError(f"a control message exceeded {MAX_MESSAGE_BYTES} bytes")
     return json.loads(data), fds
 
 

@@ -138,8 +138,6 @@ class Sandbox:
                    cwd: str | None = None, stdin: bytes | None = None,
                    timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
         """Run one command; yields output chunks as they come, then the ExecResult."""
-        if not argv or not all(isinstance(a, str) and a for a in argv[:1]):
-            raise InvalidArgumentError("argv must be a non-empty list of strings")
         channel = self._require_channel()
         assert self.limits is not None
         timeout = self.limits.timeout_s if timeout_s is None else timeout_s

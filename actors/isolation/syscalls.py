@@ -86,6 +86,6 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
     how = struct.pack("QQQ", flags, mode, resolve)
     buf = ctypes.create_string_buffer(how, len(how))
     return _check(
-        _libc.syscall(SYS_OPENAT2, dirfd, path.encode(), buf, ctypes.c_size_t(len(how))),
+        _libc.syscall(SYS_OPENAT2, dirfd, os.fsencode(path), buf, ctypes.c_size_t(len(how))),
         f"open {path}",
     )

@@ -62,7 +62,10 @@ class Zygote:
         return max(0.0, min(r.deadline for r in self.running.values()) - time.monotonic())
 
     def _on_request(self, sel: selectors.BaseSelector) -> None:
-        message, fds = protocol.recv(self.sock)
+        try:
+            message, fds = protocol.recv(self.sock)
+        except ValueError:  # truncated or not JSON: the host checks sizes, so drop it and go on
+            return
         if message is None:  # the host side is gone: end the sandbox with it
             os._exit(0)
         op = message.get("op")
@@ -80,6 +83,8 @@ class Zygote:
             reply, out_fds = {"error": exc.strerror or str(exc), "errno": exc.errno}, []
         except sandbox_files.PathEscape as exc:
             reply, out_fds = {"error": str(exc), "kind": "invalid_path"}, []
+        except (ValueError, TypeError) as exc:  # a malformed request must not end the sandbox
+            reply, out_fds = {"error": str(exc), "kind": "invalid_argument"}, []
         reply["id"] = message.get("id")
         protocol.send(self.sock, reply, out_fds)
         for fd in out_fds:
@@ -92,6 +97,10 @@ class Zygote:
         except OSError as exc:
             protocol.send(self.sock, {"op": "exit", "id": exec_id, "error": exc.strerror,
                                       "errno": exc.errno})
+            return
+        except (ValueError, TypeError, KeyError) as exc:  # malformed: refuse, keep serving
+            protocol.send(self.sock, {"op": "exit", "id": exec_id, "error": str(exc),
+                                      "kind": "invalid_argument"})
             return
         finally:
             for fd in fds:

@@ -3,7 +3,8 @@
  *   cave-exec ISOLATED BPF_FD CWD -- ARGV...
  *
  * stdin/stdout/stderr are already the exec's pipes, the environment is the command's. With
- * ISOLATED=1 the command runs under a fresh pid namespace whose init (our child) exits when the
+ * ISOLATED=1 the command runs under fresh pid and mount namespaces (the latter only for a /proc
+ * that matches the former) whose init (our child) exits when the
  * command exits, so the kernel kills every process the command left behind, daemons included.
  * The zygote ends a timed-out exec by killing this process: PR_SET_PDEATHSIG carries the kill to
  * the namespace init. Exit status: the command's code, 128+signal, 126 cannot run, 127 not found.
@@ -20,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -75,6 +77,9 @@ static void namespace_init(int bpf_fd, const char *cwd, char **argv, int parent_
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     struct pollfd alive = {parent_alive_fd, POLLIN, 0};
     if (parent_alive_fd >= 0 && poll(&alive, 1, 0) > 0) _exit(137); /* parent died before prctl */
+    /* A /proc of the exec's own pid namespace, so that ps and /proc/self work inside it. */
+    if (parent_alive_fd >= 0 && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
+        die(126, "mount /proc", NULL);
     int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
     if (fd >= 0) {
         (void)!write(fd, COMMAND_OOM_SCORE_ADJ, strlen(COMMAND_OOM_SCORE_ADJ));
@@ -106,7 +111,7 @@ int main(int argc, char **argv) {
         namespace_init(bpf_fd, cwd, command, -1);
     int alive[2];
     if (pipe2(alive, O_CLOEXEC)) die(126, "pipe", NULL);
-    if (unshare(CLONE_NEWPID)) die(126, "unshare(CLONE_NEWPID)", NULL);
+    if (unshare(CLONE_NEWPID | CLONE_NEWNS)) die(126, "unshare(CLONE_NEWPID|CLONE_NEWNS)", NULL);
     pid_t init = fork();
     if (init < 0) die(126, "fork", NULL);
     if (init == 0) {
