@@ -57,14 +57,15 @@ class SandboxService:
 
     def __init__(self, isolation: IsolationSettings) -> None:
         self._sandbox = Sandbox(_backend(isolation))
+        self._id = self._sandbox.id  # replaced by the caller's id at start
         self._created_at = time.time()
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
-    async def prepare(self) -> None:
-        await self._sandbox.prepare()
+    async def prepare(self, limits: SandboxLimits) -> None:
+        await self._sandbox.prepare(limits)
 
     async def start(self, sandbox_id: str, limits: SandboxLimits) -> SandboxInfo:
-        self._sandbox.id = sandbox_id
+        self._id = sandbox_id
         self._created_at = time.time()
         await self._sandbox.start(limits)
         return self.info()
@@ -72,7 +73,7 @@ class SandboxService:
     def info(self) -> SandboxInfo:
         sb = self._sandbox
         state = "created" if sb.state == "standby" else sb.state
-        return SandboxInfo(sb.id, state, self._node_id, sb.backend.name, sb.limits,
+        return SandboxInfo(self._id, state, self._node_id, sb.backend.name, sb.limits,
                            self._created_at, sb.failure)
 
     async def exec(self, command: str | list[str], env: dict[str, str] | None = None,
@@ -106,7 +107,7 @@ class SandboxService:
 
     async def stop(self) -> SandboxInfo:
         if self._sandbox.state == "standby":
-            raise SandboxStateError(f"sandbox {self._sandbox.id} was never started")
+            raise SandboxStateError(f"sandbox {self._id} was never started")
         await self._sandbox.stop()
         return self.info()
 
@@ -122,8 +123,8 @@ class SandboxActor:
     def __init__(self, isolation: IsolationSettings) -> None:
         self._service = SandboxService(isolation)
 
-    async def prepare(self) -> None:
-        await self._service.prepare()
+    async def prepare(self, limits: SandboxLimits) -> None:
+        await self._service.prepare(limits)
 
     async def start(self, sandbox_id: str, limits: SandboxLimits) -> SandboxInfo:
         return await self._service.start(sandbox_id, limits)

@@ -47,7 +47,7 @@ def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
     return WarmPool.options(  # type: ignore[attr-defined]
         name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True,
                             lifetime="detached", **pinned(node_id)).remote(
-        node_id, settings.isolation, settings.pool.size_per_node)
+        node_id, settings.isolation, settings.defaults, settings.pool.size_per_node)
 
 
 def choose_node(node_id: str | None = None) -> str:

@@ -11,7 +11,7 @@ from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.sandbox_actor import SandboxActor
-from config.settings import IsolationSettings
+from config.settings import IsolationSettings, SandboxLimits
 
 log = logging.getLogger("cave.pool")
 NAMESPACE = "cave"
@@ -29,8 +29,10 @@ def pinned(node_id: str) -> dict[str, Any]:
 class PoolService:
     """Keeps `size` prepared sandbox actors on one node and refills in the background."""
 
-    def __init__(self, node_id: str, isolation: IsolationSettings, size: int) -> None:
+    def __init__(self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits,
+                 size: int) -> None:
         self.node_id, self.isolation, self.size = node_id, isolation, size
+        self.defaults = defaults  # spares are built with these; a claim may change them
         self._ready: asyncio.Queue[ActorHandle] = asyncio.Queue()
         self._filling = 0
         self.created = 0
@@ -44,7 +46,7 @@ class PoolService:
         self._filling += 1
         try:
             actor = self._new_actor()
-            await actor.prepare.remote()
+            await actor.prepare.remote(self.defaults)
             self._ready.put_nowait(actor)
         except Exception:  # a failed spare is logged; the next acquire starts one itself
             log.exception("cannot prepare a warm sandbox on node %s", self.node_id)
@@ -62,7 +64,7 @@ class PoolService:
             actor = self._ready.get_nowait()
         except asyncio.QueueEmpty:
             actor = self._new_actor()
-            await actor.prepare.remote()
+            await actor.prepare.remote(self.defaults)
         self.refill()
         return actor
 
@@ -83,8 +85,9 @@ class PoolService:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class WarmPool:
-    def __init__(self, node_id: str, isolation: IsolationSettings, size: int) -> None:
-        self._service = PoolService(node_id, isolation, size)
+    def __init__(self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits,
+                 size: int) -> None:
+        self._service = PoolService(node_id, isolation, defaults, size)
         self._service.refill()
 
     async def acquire(self) -> ActorHandle:

@@ -85,5 +85,6 @@ class Channel:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(SandboxError("the sandbox process has exited"))
+                future.exception()  # whoever awaits still gets it; nobody awaiting is no error
         self._pending.clear()
         self._on_event({"op": "closed"})

@@ -1,13 +1,17 @@
 """Standby process that becomes a sandbox: cgroup, namespaces, root filesystem, then the zygote.
 
-Started ahead of time (warm) by the host side with the control socket on the fd named in argv; it
-waits for one `setup` message. Run with `python -m actors.isolation.launcher FD`.
+Started ahead of time by the host side with two sockets on the fds named in argv: the zygote's
+control channel and the keeper channel. It waits for one `setup` message. With the builtin
+backend it then stays as the sandbox's keeper: it holds the mount namespace where the disk tmpfs
+lives and resizes it on request. Run as `python -m actors.isolation.launcher FD KEEPER_FD`.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import select
+import signal
 import socket
 import sys
 from typing import Any, NoReturn
@@ -17,8 +21,8 @@ from actors.isolation import syscalls as sc
 from actors.isolation.sandbox_files import WORKSPACE
 from actors.isolation.zygote import Zygote
 
-# Unshared by the zygote itself: the launcher must stay in the host's mount namespace, where
-# /proc still shows the zygote for writing its uid map after the zygote has pivoted its root.
+# Unshared by the zygote itself: the launcher keeps a mount namespace of its own, whose /proc
+# still shows the zygote for writing its uid map after the zygote has pivoted its root.
 CHILD_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWNET | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
 
 
@@ -40,7 +44,9 @@ def _seccomp_memfd(setup: dict[str, Any]) -> int:
 
 def main() -> NoReturn:
     sock = socket.socket(fileno=int(sys.argv[1]))
-    sock.set_inheritable(False)
+    keeper = socket.socket(fileno=int(sys.argv[2]))
+    for channel in (sock, keeper):
+        channel.set_inheritable(False)
     protocol.send(sock, {"op": "standby", "pid": os.getpid()})
     setup, _ = protocol.recv(sock)
     if setup is None:
@@ -49,7 +55,7 @@ def main() -> NoReturn:
         if setup.get("backend") == "bwrap":  # bwrap backend: see actors/isolation/bwrap.py
             _launch_bwrap(sock, setup)
         if setup["isolated"]:
-            _launch_isolated(sock, setup)
+            _launch_isolated(sock, keeper, setup)
         _launch_degraded(sock, setup)
     except Exception as exc:  # report, never hang the host side waiting for `ready`
         protocol.send(sock, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
@@ -59,27 +65,52 @@ def main() -> NoReturn:
 def _join_cgroup(setup: dict[str, Any]) -> None:
     for procs in setup["cgroup_procs"]:
         with open(procs, "w") as f:
-            f.write(str(os.getpid()))
+            f.write("0")  # "0" is the writer itself, whatever pid namespace it sees
 
 
-def _launch_isolated(sock: socket.socket, setup: dict[str, Any]) -> NoReturn:
-    _join_cgroup(setup)
+def _launch_isolated(sock: socket.socket, keeper: socket.socket,
+                     setup: dict[str, Any]) -> NoReturn:
+    spec = rootfs.RootfsSpec(**setup["rootfs"])
     os.setgroups([])
-    sc.unshare(sc.CLONE_NEWPID | (sc.CLONE_NEWCGROUP if setup["cgroup_procs"] else 0))
+    sc.unshare(sc.CLONE_NEWNS)  # ours alone: the disk mount lives here, unseen by the host
+    rootfs.mount_disk(spec)
+    sc.unshare(sc.CLONE_NEWPID)
     to_parent_r, to_parent_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        keeper.close()
         os.close(to_parent_r)
         os.close(to_child_w)
         _become_zygote(sock, setup, to_parent_w, to_child_r)
+    sock.close()
     os.close(to_parent_w)
     os.close(to_child_r)
-    protocol.send(sock, {"op": "spawned", "pid": pid})
+    zygote = os.pidfd_open(pid)
+    protocol.send(keeper, {"op": "spawned", "pid": pid})
     if os.read(to_parent_r, 1) == b"u":  # the child has its user namespace; map its root
         _write_id_maps(pid, int(setup["uid"]))
         os.write(to_child_w, b"m")
-    os._exit(0)
+    _keep(keeper, zygote, spec)
+
+
+def _keep(keeper: socket.socket, zygote: int, spec: rootfs.RootfsSpec) -> NoReturn:
+    """Stay beside the zygote: resize its disk on request; end with it, or end it with the host."""
+    while True:
+        ready, _, _ = select.select([keeper, zygote], [], [])
+        if zygote in ready:
+            os.waitid(os.P_PIDFD, zygote, os.WEXITED)
+            os._exit(0)
+        message, _ = protocol.recv(keeper)
+        if message is None:  # the host side is gone: take the sandbox with it
+            signal.pidfd_send_signal(zygote, signal.SIGKILL)
+            continue
+        try:
+            rootfs.resize_disk(spec, int(message["disk_bytes"]))
+            reply: dict[str, Any] = {"id": message.get("id"), "ok": True}
+        except (OSError, KeyError, ValueError) as exc:
+            reply = {"id": message.get("id"), "error": str(exc)}
+        protocol.send(keeper, reply)
 
 
 def _write_id_maps(pid: int, uid: int) -> None:
@@ -93,8 +124,14 @@ def _write_id_maps(pid: int, uid: int) -> None:
 def _become_zygote(sock: socket.socket, setup: dict[str, Any], to_parent: int,
                    from_parent: int) -> NoReturn:
     try:
+        sc.set_parent_death_signal(signal.SIGKILL)  # the launcher's end is the sandbox's end
         # Opened before pivot_root: afterwards the host path is gone, /proc/self/fd/N still runs it.
         helper_fd = _high_fd(os.open(setup["exec_helper"], os.O_RDONLY | os.O_CLOEXEC))
+        # The zygote joins the cgroup, not the keeper: only the sandbox's own processes are
+        # limited and counted there. Its cgroup namespace then hides the host's hierarchy.
+        _join_cgroup(setup)
+        if setup["cgroup_procs"]:
+            sc.unshare(sc.CLONE_NEWCGROUP)
         bpf_fd = _seccomp_memfd(setup)
         sc.unshare(CHILD_NAMESPACES)
         rootfs.assemble(rootfs.RootfsSpec(**setup["rootfs"]))

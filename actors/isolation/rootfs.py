@@ -100,17 +100,31 @@ def _populate_etc(etc: Path) -> None:
     (etc / "resolv.conf").write_text("")  # no DNS: the sandbox has no network beyond loopback
 
 
-def assemble(spec: RootfsSpec) -> None:
-    """Mount the sandbox root and pivot into it, as host root in new mount and pid namespaces."""
+def mount_disk(spec: RootfsSpec) -> None:
+    """The size-capped tmpfs under the overlay, mounted by the launcher in its own mount namespace.
+
+    The launcher keeps that namespace (and so this mount) for the sandbox's life, which lets it
+    resize the disk when a warm sandbox is claimed with other limits; the host never sees it.
+    """
     sc.mount("none", "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    disk, merged = Path(spec.sandbox_dir, "disk"), Path(spec.sandbox_dir, "root")
+    disk = Path(spec.sandbox_dir, "disk")
     disk.mkdir(exist_ok=True)
-    merged.mkdir(exist_ok=True)
     sc.mount("cave-disk", str(disk), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
              f"size={spec.disk_bytes},mode=0755")
     for sub in ("upper", "work"):
         (disk / sub).mkdir()
     os.chown(disk / "upper", spec.uid, spec.uid)
+
+
+def resize_disk(spec: RootfsSpec, disk_bytes: int) -> None:
+    sc.mount("none", str(Path(spec.sandbox_dir, "disk")), None,
+             sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV, f"size={disk_bytes}")
+
+
+def assemble(spec: RootfsSpec) -> None:
+    """Mount the sandbox root and pivot into it, as host root in new mount and pid namespaces."""
+    disk, merged = Path(spec.sandbox_dir, "disk"), Path(spec.sandbox_dir, "root")
+    merged.mkdir(exist_ok=True)
     sc.mount("cave-root", str(merged), "overlay", sc.MS_NODEV,
              f"lowerdir={spec.base},upperdir={disk}/upper,workdir={disk}/work")
     for rel in SANDBOX_OWNED:

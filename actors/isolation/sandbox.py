@@ -32,7 +32,12 @@ START_TIMEOUT_S = 30.0
 
 
 class Sandbox:
-    """One sandbox on this host. States: standby -> running -> stopped (or failed)."""
+    """One sandbox on this host. States: standby -> running -> stopped (or failed).
+
+    `prepare` builds it completely (namespaces, root, cgroup) with provisional limits, so that a
+    warm pool can hold ready sandboxes; `start` only applies the caller's limits to one of them.
+    `id` names its host resources (cgroup, directory); callers keep their own public ids.
+    """
 
     def __init__(self, backend: Backend, sandbox_id: str | None = None) -> None:
         self.id = sandbox_id or uuid.uuid4().hex
@@ -40,7 +45,9 @@ class Sandbox:
         self.state = "standby"
         self.limits: SandboxLimits | None = None
         self.failure: str | None = None
+        self._prepared: SandboxLimits | None = None
         self._channel: Channel | None = None
+        self._keeper: Channel | None = None
         self._events: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._cgroup: SandboxCgroup | None = None
         self._zygote_pid: int | None = None
@@ -51,39 +58,53 @@ class Sandbox:
     def sandbox_dir(self) -> Path:
         return self.backend.state_dir / "sandboxes" / self.id
 
-    async def prepare(self) -> None:
-        """Start the standby launcher: Python started and seccomp compiled, waiting for limits."""
-        host_sock, sandbox_sock = protocol.socket_pair()
-        self._launcher = subprocess.Popen(
-            [sys.executable, "-m", "actors.isolation.launcher", str(sandbox_sock.fileno())],
-            pass_fds=(sandbox_sock.fileno(),), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, cwd=_PACKAGE_ROOT,
-            env={"PYTHONPATH": _PACKAGE_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        )
-        sandbox_sock.close()
-        self._channel = Channel(host_sock, self._events.put_nowait)
-        await self._expect("standby")
-
-    async def start(self, limits: SandboxLimits) -> None:
-        if self.state != "standby":
-            raise SandboxStateError(f"sandbox {self.id} is {self.state}, cannot start")
-        if self._channel is None:
-            await self.prepare()
-        self.limits = limits
+    async def prepare(self, limits: SandboxLimits) -> None:
+        """Build the whole sandbox with these limits; `start` may change them afterwards."""
+        if self._launcher is not None:
+            raise SandboxStateError(f"sandbox {self.id} is already prepared")
         try:
-            await self._start(limits)
+            await self._spawn_launcher()
+            await self._setup(limits)
         except BaseException as exc:
             self.failure = str(exc)
             await self.stop()
             self.state = "failed"
             raise
+        self._prepared = limits
+
+    async def start(self, limits: SandboxLimits) -> None:
+        if self.state != "standby":
+            raise SandboxStateError(f"sandbox {self.id} is {self.state}, cannot start")
+        if self._prepared is None:
+            await self.prepare(limits)
+        elif limits != self._prepared:
+            await self._apply(limits)
+        self.limits = limits
         self.state = "running"
 
-    async def _start(self, limits: SandboxLimits) -> None:
+    async def _spawn_launcher(self) -> None:
+        host_sock, sandbox_sock = protocol.socket_pair()
+        host_keeper, sandbox_keeper = protocol.socket_pair()
+        fds = (sandbox_sock.fileno(), sandbox_keeper.fileno())
+        self._launcher = subprocess.Popen(
+            [sys.executable, "-m", "actors.isolation.launcher", *map(str, fds)],
+            pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=_PACKAGE_ROOT,
+            env={"PYTHONPATH": _PACKAGE_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+        sandbox_sock.close()
+        sandbox_keeper.close()
+        self._channel = Channel(host_sock, self._events.put_nowait)
+        self._keeper = Channel(host_keeper, self._on_keeper_event)
+        await self._expect("standby")
+
+    def _on_keeper_event(self, event: protocol.Message) -> None:
+        if event.get("op") == "spawned":  # the keeper's own end is no news: its zygote tells
+            self._events.put_nowait(event)
+
+    async def _setup(self, limits: SandboxLimits) -> None:
         self.sandbox_dir.mkdir(parents=True, exist_ok=True)
         if self.backend.cgroups is not None:
-            self._cgroup = self.backend.cgroups.create(
-                self.id, CgroupLimits(limits.memory_mb << 20, limits.pids, limits.cpu))
+            self._cgroup = self.backend.cgroups.create(self.id, _cgroup_limits(limits))
         assert self._channel is not None
         await self._channel.send({
             "op": "setup",
@@ -94,17 +115,43 @@ class Sandbox:
             "cgroup_procs": self._cgroup.procs_files() if self._cgroup else [],
             "exec_helper": str(self.backend.exec_helper),
             "seccomp_bpf": self.backend.seccomp_bpf.hex() if self.backend.seccomp_bpf else None,
-            "rootfs": RootfsSpec(
-                base=str(self.backend.base), sandbox_dir=str(self.sandbox_dir),
-                disk_bytes=limits.disk_mb << 20, shm_bytes=min(SHM_BYTES_MAX, limits.disk_mb << 20),
-                uid=self.backend.sandbox_uid, hostname=f"cave-{self.id[:12]}",
-                host_binds=self.backend.host_binds,
-            ).__dict__,
+            "rootfs": self._rootfs_spec(limits).__dict__,
         })
         spawned = await self._expect("spawned")
         self._zygote_pid = int(spawned["pid"])
         await self._expect("ready")
-        self._reap_launcher()
+        if self.backend.name == "bwrap":  # its launcher is done once bwrap runs the zygote
+            assert self._launcher is not None
+            await asyncio.to_thread(self._launcher.wait, 5)
+
+    def _rootfs_spec(self, limits: SandboxLimits) -> RootfsSpec:
+        return RootfsSpec(
+            base=str(self.backend.base), sandbox_dir=str(self.sandbox_dir),
+            disk_bytes=limits.disk_bytes, shm_bytes=min(SHM_BYTES_MAX, limits.disk_bytes),
+            uid=self.backend.sandbox_uid, hostname=f"cave-{self.id[:12]}",
+            host_binds=self.backend.host_binds,
+        )
+
+    async def _apply(self, limits: SandboxLimits) -> None:
+        """Give a prepared sandbox other limits: cgroup files, and the disk through its keeper."""
+        assert self._prepared is not None
+        if self._cgroup is not None:
+            self._cgroup.set_limits(_cgroup_limits(limits))
+        if limits.disk_mb == self._prepared.disk_mb or not self.backend.isolated:
+            return
+        if self.backend.name != "builtin":  # bwrap sizes its tmpfs at start: build anew
+            await self.stop()
+            self._reset()
+            await self.prepare(limits)
+            return
+        assert self._keeper is not None
+        reply, _ = await self._keeper.request({"op": "resize", "disk_bytes": limits.disk_bytes})
+        if "error" in reply:
+            raise SandboxError(f"sandbox {self.id}: cannot resize its disk: {reply['error']}")
+
+    def _reset(self) -> None:
+        self.state, self._prepared, self._cgroup, self._zygote_pid = "standby", None, None, None
+        self._launcher, self._channel, self._keeper = None, None, None
 
     async def _expect(self, op: str) -> protocol.Message:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -120,12 +167,6 @@ class Sandbox:
             if event.get("op") in ("failed", "closed"):
                 raise SandboxError(f"sandbox {self.id} failed to start: "
                                    f"{event.get('error', 'the launcher exited')}")
-
-    def _reap_launcher(self) -> None:
-        if self._launcher is None or not self.backend.isolated:
-            return  # degraded: the launcher is the zygote
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._launcher.wait(timeout=5)
 
     def _require_channel(self) -> Channel:
         if self.state != "running" or self._channel is None or self._channel.closed:
@@ -156,12 +197,18 @@ class Sandbox:
         if self.state == "stopped":
             return
         self.state = "stopped"
-        if self._channel is not None:
-            self._channel.close()
+        for channel in (self._channel, self._keeper):
+            if channel is not None:
+                channel.close()
         await self._kill_zygote()
-        if self._launcher is not None and self._launcher.poll() is None:
-            self._launcher.kill()
-            self._launcher.wait()
+        if self._launcher is not None:
+            if self._launcher.poll() is None and self._launcher.pid != self._zygote_pid:
+                # The keeper ends once its zygote has: wait for that, kill only if it lingers.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    await asyncio.to_thread(self._launcher.wait, 5)
+            if self._launcher.poll() is None:
+                self._launcher.kill()
+            await asyncio.to_thread(self._launcher.wait)
         if self._cgroup is not None:
             await asyncio.to_thread(self._cgroup.destroy)
         shutil.rmtree(self.sandbox_dir, ignore_errors=True)
@@ -177,8 +224,11 @@ class Sandbox:
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             await wait_readable(pidfd)
-            with contextlib.suppress(ChildProcessError):  # not ours: the host init reaps it
-                os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):  # the keeper's child, or the host's
+                os.waitpid(pid, os.WNOHANG)
         finally:
             os.close(pidfd)
 
+
+def _cgroup_limits(limits: SandboxLimits) -> CgroupLimits:
+    return CgroupLimits(limits.memory_bytes, limits.pids, limits.cpu)

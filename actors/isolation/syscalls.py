@@ -81,6 +81,11 @@ def fork_into_new_pid_namespace() -> int:
     )
 
 
+def set_parent_death_signal(signum: int) -> None:
+    pr_set_pdeathsig = 1
+    _check(_libc.prctl(pr_set_pdeathsig, signum, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
     """openat2(2): open `path` below `dirfd` with kernel-enforced resolution rules."""
     how = struct.pack("QQQ", flags, mode, resolve)

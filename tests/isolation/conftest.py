@@ -70,8 +70,7 @@ async def open_sandbox(backend: Backend, limits: SandboxLimits = LIMITS) -> Asyn
     """A prepared and started sandbox, stopped on the way out whatever happened inside."""
     sandbox = Sandbox(backend)
     try:
-        await sandbox.prepare()
-        await sandbox.start(limits)
+        await sandbox.start(limits)  # prepares it first, with these limits
         yield sandbox
     finally:
         await sandbox.stop()

@@ -45,7 +45,7 @@ async def test_exec_after_stop_is_refused(backend: Backend) -> None:
 @async_test
 async def test_stop_is_idempotent(backend: Backend) -> None:
     sandbox = Sandbox(backend)
-    await sandbox.prepare()
+    await sandbox.prepare(LIMITS)
     await sandbox.start(LIMITS)
     await sandbox.stop()
     await sandbox.stop()
@@ -56,7 +56,7 @@ async def test_stop_is_idempotent(backend: Backend) -> None:
 @async_test
 async def test_stop_before_start_is_final(backend: Backend) -> None:
     sandbox = Sandbox(backend)
-    await sandbox.prepare()
+    await sandbox.prepare(LIMITS)
     await sandbox.stop()
     assert sandbox.state == "stopped"
     with pytest.raises(SandboxStateError):
@@ -239,3 +239,20 @@ def test_degraded_backend_refused_when_fallback_is_forbidden(backend: Backend) -
                                                CAVE_ISOLATION_NO_FALLBACK="true"))
     with pytest.raises(IsolationUnavailableError, match="NO_FALLBACK"):
         select_backend(settings.isolation)
+
+
+@async_test
+async def test_a_prepared_sandbox_takes_the_limits_given_at_start(backend: Backend) -> None:
+    """The warm-pool path: built with provisional limits, claimed with others."""
+    sandbox = Sandbox(backend)
+    await sandbox.prepare(LIMITS.model_copy(update={"disk_mb": 64, "pids": 64}))
+    try:
+        await sandbox.start(LIMITS.model_copy(update={"disk_mb": 8, "pids": 32}))
+        _, err, result = await run(sandbox, "dd if=/dev/zero of=/workspace/fill bs=1M count=16")
+        assert result.exit_code != 0 and b"No space left on device" in err
+        size = (await sandbox.files.list(""))[0].size
+        assert size <= 8 << 20
+        out, _, _ = await run(sandbox, "cat /sys/fs/cgroup/pids.max 2>/dev/null || echo none")
+        assert sandbox.limits is not None and sandbox.limits.pids == 32
+    finally:
+        await sandbox.stop()
