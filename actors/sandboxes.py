@@ -35,19 +35,33 @@ def _translated(sandbox_id: str) -> Iterator[None]:
         raise SandboxStateError(f"sandbox {sandbox_id} is stopped or lost") from exc
 
 
+def _cluster() -> str:
+    """Handles are cached per cluster: a driver may shut Ray down and connect to another."""
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def directory() -> ActorHandle:
+    return _directory_of(_cluster())
+
+
 @cache
-def _directory() -> ActorHandle:
+def _directory_of(cluster: str) -> ActorHandle:
     return SandboxDirectory.options(  # type: ignore[attr-defined]
-        name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True,
-                                    lifetime="detached").remote()
+        name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+    ).remote()
+
+
+def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
+    """The node's pool, created with these settings by whoever asks first."""
+    return _pool_of(_cluster(), node_id, settings)
 
 
 @cache
-def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
+def _pool_of(cluster: str, node_id: str, settings: Settings) -> ActorHandle:
     return WarmPool.options(  # type: ignore[attr-defined]
-        name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True,
-                            lifetime="detached", **pinned(node_id)).remote(
-        node_id, settings.isolation, settings.defaults, settings.pool.size_per_node)
+        name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        **pinned(node_id),
+    ).remote(node_id, settings.isolation, settings.defaults, settings.pool.size_per_node)
 
 
 def choose_node(node_id: str | None = None) -> str:
@@ -101,19 +115,14 @@ def create_sandbox(settings: Settings, overrides: LimitOverrides | None = None,
                    node_id: str | None = None, sandbox_id: str | None = None) -> SandboxHandle:
     limits = resolve_limits(overrides, settings)  # bad limits fail before any actor is touched
     node = choose_node(node_id)
-    actor: ActorHandle = _get(warm_pool(node, settings).acquire.remote())
     sandbox_id = sandbox_id or uuid.uuid4().hex
-    try:
-        _get(actor.start.remote(sandbox_id, limits))
-    except BaseException:
-        ray.kill(actor)
-        raise
-    _get(_directory().register.remote(sandbox_id, actor, node))
-    return SandboxHandle(sandbox_id, node, actor)
+    created: tuple[ActorHandle, SandboxInfo] = _get(
+        warm_pool(node, settings).create.remote(sandbox_id, limits, directory()))
+    return SandboxHandle(sandbox_id, node, created[0])
 
 
 def get_sandbox(sandbox_id: str) -> SandboxHandle:
-    entry: tuple[ActorHandle, str] = _get(_directory().lookup.remote(sandbox_id))
+    entry: tuple[ActorHandle, str] = _get(directory().lookup.remote(sandbox_id))
     actor, node = entry
     return SandboxHandle(sandbox_id, node, actor)
 
@@ -124,6 +133,6 @@ def stop_sandbox(sandbox_id: str) -> SandboxInfo:
     try:
         info: SandboxInfo = _get(handle.actor.stop.remote())
     finally:
-        _get(_directory().remove.remote(sandbox_id))
+        _get(directory().remove.remote(sandbox_id))
         ray.kill(handle.actor)
     return info

@@ -10,11 +10,12 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.sandbox_actor import SandboxActor
+from actors.sandbox_actor import SandboxActor, SandboxInfo
 from config.settings import IsolationSettings, SandboxLimits
 
 log = logging.getLogger("cave.pool")
 NAMESPACE = "cave"
+REFILL_DELAY_S = 0.05
 
 
 def pool_name(node_id: str) -> str:
@@ -61,12 +62,40 @@ class PoolService:
     async def acquire(self) -> ActorHandle:
         """A prepared actor if one is ready, else a fresh one (cold: pays the worker start)."""
         try:
-            actor = self._ready.get_nowait()
+            return await self._take()
+        finally:
+            self._refill_after_reply()
+
+    async def _take(self) -> ActorHandle:
+        try:
+            return self._ready.get_nowait()
         except asyncio.QueueEmpty:
             actor = self._new_actor()
             await actor.prepare.remote(self.defaults)
-        self.refill()
-        return actor
+            return actor
+
+    def _refill_after_reply(self) -> None:
+        # A new spare costs a Ray worker start (a second of CPU here) and its creation blocks
+        # this loop for a GCS round trip: start it once the caller has its answer.
+        asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
+
+    async def create(self, sandbox_id: str, limits: SandboxLimits,
+                     directory: ActorHandle) -> tuple[ActorHandle, SandboxInfo]:
+        """Claim a spare, start it with these limits and register it: one call for the client.
+
+        The pool already talks to its spares and to the directory, so the calls that follow the
+        claim cost no address lookups, which a client's first call to a new actor does.
+        """
+        actor = await self._take()
+        try:
+            info: SandboxInfo = await actor.start.remote(sandbox_id, limits)
+            await directory.register.remote(sandbox_id, actor, self.node_id)
+        except BaseException:
+            ray.kill(actor)
+            raise
+        finally:
+            self._refill_after_reply()
+        return actor, info
 
     def stats(self) -> dict[str, int]:
         return {"ready": self._ready.qsize(), "filling": self._filling, "size": self.size,
@@ -92,6 +121,10 @@ class WarmPool:
 
     async def acquire(self) -> ActorHandle:
         return await self._service.acquire()
+
+    async def create(self, sandbox_id: str, limits: SandboxLimits,
+                     directory: ActorHandle) -> tuple[ActorHandle, SandboxInfo]:
+        return await self._service.create(sandbox_id, limits, directory)
 
     def stats(self) -> dict[str, int]:
         return self._service.stats()

@@ -25,7 +25,6 @@ def spawn(argv: list[str]) -> None:
 def in_process(settings) -> dict[str, float]:  # type: ignore[no-untyped-def]
     async def main() -> dict[str, float]:
         sandbox = Sandbox(select_backend(settings.isolation))
-        await sandbox.prepare()
         await sandbox.start(settings.defaults)
         loop = asyncio.get_running_loop()
 

@@ -97,7 +97,7 @@ def _launch_isolated(sock: socket.socket, keeper: socket.socket,
 def _keep(keeper: socket.socket, zygote: int, spec: rootfs.RootfsSpec) -> NoReturn:
     """Stay beside the zygote: resize its disk on request; end with it, or end it with the host."""
     while True:
-        ready, _, _ = select.select([keeper, zygote], [], [])
+        ready, _, _ = select.select([keeper.fileno(), zygote], [], [])
         if zygote in ready:
             os.waitid(os.P_PIDFD, zygote, os.WEXITED)
             os._exit(0)

@@ -10,7 +10,7 @@ from typing import cast
 
 import ray
 
-from actors.sandboxes import choose_node, warm_pool
+from actors.sandboxes import choose_node, directory, warm_pool
 from cave.cli import run
 from cave.cli.session import as_cave_error, cave_home, connected
 from cluster.local import (
@@ -84,6 +84,7 @@ def _up(args: argparse.Namespace) -> int:
 def _prewarm(settings: Settings) -> dict[str, int]:
     """Create the head node's warm pool and wait, bounded, until its sandboxes are prepared."""
     pool = warm_pool(choose_node(), settings)
+    ray.get(directory().ids.remote())  # started now, not by the first create
     deadline = time.monotonic() + PREWARM_TIMEOUT_S
     while True:
         stats = cast(dict[str, int], ray.get(pool.stats.remote()))
