@@ -27,6 +27,7 @@ class SandboxInfo:
     limits: SandboxLimits | None
     created_at: float
     failure: str | None = None
+    slot: str = ""  # names its cgroup and state directory on the node
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class ExecOutput:
 
 
 @cache
-def _backend(settings: IsolationSettings) -> Backend:
+def backend_for(settings: IsolationSettings) -> Backend:
+    """This process's backend for these settings, probed once."""
     return select_backend(settings)
 
 
@@ -56,7 +58,7 @@ class SandboxService:
     """Everything the actor does, without Ray, so that it is testable on its own."""
 
     def __init__(self, isolation: IsolationSettings) -> None:
-        self._sandbox = Sandbox(_backend(isolation))
+        self._sandbox = Sandbox(backend_for(isolation))
         self._id = self._sandbox.id  # replaced by the caller's id at start
         self._created_at = time.time()
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -74,7 +76,7 @@ class SandboxService:
         sb = self._sandbox
         state = "created" if sb.state == "standby" else sb.state
         return SandboxInfo(self._id, state, self._node_id, sb.backend.name, sb.limits,
-                           self._created_at, sb.failure)
+                           self._created_at, sb.failure, sb.id)
 
     async def exec(self, command: str | list[str], env: dict[str, str] | None = None,
                    cwd: str | None = None, stdin: bytes | None = None,

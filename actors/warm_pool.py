@@ -10,7 +10,8 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.sandbox_actor import SandboxActor, SandboxInfo
+from actors.isolation import janitor
+from actors.sandbox_actor import SandboxActor, SandboxInfo, backend_for
 from config.settings import IsolationSettings, SandboxLimits
 
 log = logging.getLogger("cave.pool")
@@ -55,6 +56,9 @@ class PoolService:
             self._filling -= 1
 
     def refill(self) -> None:
+        # Sandboxes of actors that died without stop() (crash, ray.kill) are swept here, on
+        # their node, where the pool runs anyway after every claim.
+        janitor.sweep(backend_for(self.isolation))
         missing = self.size - self._ready.qsize() - self._filling
         for _ in range(max(0, missing)):
             asyncio.ensure_future(self._prepare_one())

@@ -125,6 +125,7 @@ def _marked_pids(marker: str) -> list[str]:
 
 def test_killed_actor_leaves_nothing_behind(settings: Settings) -> None:
     sandbox = create_sandbox(settings)
+    slot = sandbox.info().slot
     marker = f"cave-marker-{sandbox.id}"
     sleeper = f"python3 -c 'import time; time.sleep(1000)' {marker}"
     running = sandbox.actor.exec.remote(f"({sleeper} &); {sleeper}")
@@ -132,3 +133,10 @@ def test_killed_actor_leaves_nothing_behind(settings: Settings) -> None:
     ray.kill(sandbox.actor)  # no stop(): the actor dies as on a crash
     _poll(lambda: not _marked_pids(marker), 30)
     del running
+    # Its cgroup and directory go at the pool's next sweep, which follows every claim.
+    cgroup_root = settings.isolation.cgroup_root
+    leftovers = [*Path("/sys/fs/cgroup").glob(f"*/{cgroup_root}/{slot}"),
+                 settings.isolation.state_dir / "sandboxes" / slot]
+    assert any(path.exists() for path in leftovers)
+    stop_sandbox(create_sandbox(settings).id)
+    _poll(lambda: not any(path.exists() for path in leftovers), 30)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from actors.isolation import protocol
+from actors.isolation import janitor, protocol
 from actors.isolation.aio import wait_readable
 from actors.isolation.backend import Backend
 from actors.isolation.cgroups import CgroupLimits, SandboxCgroup
@@ -102,7 +102,7 @@ class Sandbox:
             self._events.put_nowait(event)
 
     async def _setup(self, limits: SandboxLimits) -> None:
-        self.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        janitor.claim(self.sandbox_dir)
         if self.backend.cgroups is not None:
             self._cgroup = self.backend.cgroups.create(self.id, _cgroup_limits(limits))
         assert self._channel is not None
