@@ -75,19 +75,38 @@ class SandboxService:
     def info(self) -> SandboxInfo:
         sb = self._sandbox
         state = "created" if sb.state == "standby" else sb.state
-        return SandboxInfo(self._id, state, self._node_id, sb.backend.name, sb.limits,
-                           self._created_at, sb.failure, sb.id)
+        return SandboxInfo(
+            self._id,
+            state,
+            self._node_id,
+            sb.backend.name,
+            sb.limits,
+            self._created_at,
+            sb.failure,
+            sb.id,
+        )
 
-    async def exec(self, command: str | list[str], env: dict[str, str] | None = None,
-                   cwd: str | None = None, stdin: bytes | None = None,
-                   timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
-        async for item in self._sandbox.exec(command_argv(command), env=env, cwd=cwd,
-                                             stdin=stdin, timeout_s=timeout_s):
+    async def exec(
+        self,
+        command: str | list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[OutputChunk | ExecResult]:
+        async for item in self._sandbox.exec(
+            command_argv(command), env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s
+        ):
             yield item
 
-    async def run(self, command: str | list[str], env: dict[str, str] | None = None,
-                  cwd: str | None = None, stdin: bytes | None = None,
-                  timeout_s: float | None = None) -> ExecOutput:
+    async def run(
+        self,
+        command: str | list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecOutput:
         out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         async for item in self.exec(command, env, cwd, stdin, timeout_s):
             if isinstance(item, ExecResult):
@@ -134,15 +153,25 @@ class SandboxActor:
     def info(self) -> SandboxInfo:
         return self._service.info()
 
-    async def exec(self, command: str | list[str], env: dict[str, str] | None = None,
-                   cwd: str | None = None, stdin: bytes | None = None,
-                   timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
+    async def exec(
+        self,
+        command: str | list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[OutputChunk | ExecResult]:
         async for item in self._service.exec(command, env, cwd, stdin, timeout_s):
             yield item
 
-    async def run(self, command: str | list[str], env: dict[str, str] | None = None,
-                  cwd: str | None = None, stdin: bytes | None = None,
-                  timeout_s: float | None = None) -> ExecOutput:
+    async def run(
+        self,
+        command: str | list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecOutput:
         """Run to completion in one call: cheaper than the stream when output is not needed live."""
         return await self._service.run(command, env, cwd, stdin, timeout_s)
 

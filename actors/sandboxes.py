@@ -47,7 +47,10 @@ def directory() -> ActorHandle:
 @cache
 def _directory_of(cluster: str) -> ActorHandle:
     return SandboxDirectory.options(  # type: ignore[attr-defined]
-        name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        name=DIRECTORY_NAME,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
     ).remote()
 
 
@@ -59,7 +62,10 @@ def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
 @cache
 def _pool_of(cluster: str, node_id: str, settings: Settings) -> ActorHandle:
     return WarmPool.options(  # type: ignore[attr-defined]
-        name=pool_name(node_id), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        name=pool_name(node_id),
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
         **pinned(node_id),
     ).remote(node_id, settings.isolation, settings.defaults, settings.pool.size_per_node)
 
@@ -87,8 +93,9 @@ class SandboxHandle:
     node_id: str
     actor: ActorHandle
 
-    def exec_stream(self, command: str | list[str], **kwargs: object
-                    ) -> Iterator[OutputChunk | ExecResult]:
+    def exec_stream(
+        self, command: str | list[str], **kwargs: object
+    ) -> Iterator[OutputChunk | ExecResult]:
         """Output chunks as the command writes them, then the ExecResult."""
         with _translated(self.id):
             refs: Iterator[Any] = self.actor.exec.remote(command, **kwargs)
@@ -111,13 +118,18 @@ class SandboxHandle:
         return stop_sandbox(self.id)
 
 
-def create_sandbox(settings: Settings, overrides: LimitOverrides | None = None,
-                   node_id: str | None = None, sandbox_id: str | None = None) -> SandboxHandle:
+def create_sandbox(
+    settings: Settings,
+    overrides: LimitOverrides | None = None,
+    node_id: str | None = None,
+    sandbox_id: str | None = None,
+) -> SandboxHandle:
     limits = resolve_limits(overrides, settings)  # bad limits fail before any actor is touched
     node = choose_node(node_id)
     sandbox_id = sandbox_id or uuid.uuid4().hex
     created: tuple[ActorHandle, SandboxInfo] = _get(
-        warm_pool(node, settings).create.remote(sandbox_id, limits, directory()))
+        warm_pool(node, settings).create.remote(sandbox_id, limits, directory())
+    )
     return SandboxHandle(sandbox_id, node, created[0])
 
 

@@ -31,8 +31,9 @@ def pinned(node_id: str) -> dict[str, Any]:
 class PoolService:
     """Keeps `size` prepared sandbox actors on one node and refills in the background."""
 
-    def __init__(self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits,
-                 size: int) -> None:
+    def __init__(
+        self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits, size: int
+    ) -> None:
         self.node_id, self.isolation, self.size = node_id, isolation, size
         self.defaults = defaults  # spares are built with these; a claim may change them
         self._ready: asyncio.Queue[ActorHandle] = asyncio.Queue()
@@ -83,8 +84,9 @@ class PoolService:
         # this loop for a GCS round trip: start it once the caller has its answer.
         asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
 
-    async def create(self, sandbox_id: str, limits: SandboxLimits,
-                     directory: ActorHandle) -> tuple[ActorHandle, SandboxInfo]:
+    async def create(
+        self, sandbox_id: str, limits: SandboxLimits, directory: ActorHandle
+    ) -> tuple[ActorHandle, SandboxInfo]:
         """Claim a spare, start it with these limits and register it: one call for the client.
 
         The pool already talks to its spares and to the directory, so the calls that follow the
@@ -102,8 +104,12 @@ class PoolService:
         return actor, info
 
     def stats(self) -> dict[str, int]:
-        return {"ready": self._ready.qsize(), "filling": self._filling, "size": self.size,
-                "created": self.created}
+        return {
+            "ready": self._ready.qsize(),
+            "filling": self._filling,
+            "size": self.size,
+            "created": self.created,
+        }
 
     async def drain(self) -> None:
         """Discard the spares (their standby launchers) and stop refilling."""
@@ -118,16 +124,18 @@ class PoolService:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class WarmPool:
-    def __init__(self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits,
-                 size: int) -> None:
+    def __init__(
+        self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits, size: int
+    ) -> None:
         self._service = PoolService(node_id, isolation, defaults, size)
         self._service.refill()
 
     async def acquire(self) -> ActorHandle:
         return await self._service.acquire()
 
-    async def create(self, sandbox_id: str, limits: SandboxLimits,
-                     directory: ActorHandle) -> tuple[ActorHandle, SandboxInfo]:
+    async def create(
+        self, sandbox_id: str, limits: SandboxLimits, directory: ActorHandle
+    ) -> tuple[ActorHandle, SandboxInfo]:
         return await self._service.create(sandbox_id, limits, directory)
 
     def stats(self) -> dict[str, int]:

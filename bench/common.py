@@ -43,5 +43,6 @@ def bench_settings(**env: str) -> Settings:
 def start_ray() -> None:
     import ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="cave",
-             log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=8, include_dashboard=False, namespace="cave", log_to_driver=False
+    )

@@ -13,9 +13,28 @@ from actors.sandboxes import create_sandbox, stop_sandbox
 from bench.common import bench_settings, report, start_ray, timed
 
 N = int(os.environ.get("CAVE_BENCH_N", "200"))
-BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
-         "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-         "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "true"]
+BWRAP = [
+    "bwrap",
+    "--unshare-all",
+    "--die-with-parent",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "true",
+]
 
 
 def spawn(argv: list[str]) -> None:
@@ -31,6 +50,7 @@ def in_process(settings) -> dict[str, float]:  # type: ignore[no-untyped-def]
         async def once() -> None:
             async for _ in sandbox.exec(["true"]):
                 pass
+
         samples = []
         for _ in range(N):
             start = loop.time()
@@ -38,7 +58,9 @@ def in_process(settings) -> dict[str, float]:  # type: ignore[no-untyped-def]
             samples.append(loop.time() - start)
         await sandbox.stop()
         from bench.common import percentiles
+
         return percentiles(samples)
+
     return asyncio.run(main())
 
 
@@ -55,7 +77,8 @@ def main() -> None:
     rows["sandbox exec true, in-process (no Ray)"] = in_process(settings)
     rows["sandbox exec true, actor handle run()"] = timed(lambda: sandbox.run(["true"]), N)
     rows["sandbox exec true, actor streaming exec()"] = timed(
-        lambda: list(sandbox.exec_stream(["true"])), N)
+        lambda: list(sandbox.exec_stream(["true"])), N
+    )
     stop_sandbox(sandbox.id)
     report(rows, baseline="bwrap --unshare-all true (fresh)" if shutil.which("bwrap") else None)
 

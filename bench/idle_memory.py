@@ -30,8 +30,10 @@ def main() -> None:
     time.sleep(2)  # let the workers settle after their first calls before reading memory
     after = used_bytes()
     total = after - before
-    print(f"{COUNT} idle sandboxes: {total / 2**30:.2f} GiB in total, "
-          f"{total / COUNT / 2**20:.1f} MiB each (created in {elapsed:.1f} s)")
+    print(
+        f"{COUNT} idle sandboxes: {total / 2**30:.2f} GiB in total, "
+        f"{total / COUNT / 2**20:.1f} MiB each (created in {elapsed:.1f} s)"
+    )
     for sandbox in sandboxes:
         stop_sandbox(sandbox.id)
 

@@ -14,8 +14,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     import ray
 
     # address="local": never attach to a `cave up` cluster that may run on this machine.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="cave",
-             log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=8, include_dashboard=False, namespace="cave", log_to_driver=False
+    )
     yield
     ray.shutdown()
 

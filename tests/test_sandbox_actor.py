@@ -25,8 +25,9 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 @pytest.fixture(scope="module")
 def settings(cave_state_dir: Path) -> Settings:
-    return load_settings(env={**os.environ, "CAVE_STATE_DIR": str(cave_state_dir),
-                              "CAVE_POOL_SIZE": "2"})
+    return load_settings(
+        env={**os.environ, "CAVE_STATE_DIR": str(cave_state_dir), "CAVE_POOL_SIZE": "2"}
+    )
 
 
 def _poll(predicate, deadline_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
@@ -78,8 +79,12 @@ def test_exec_streams_chunks_before_the_command_ends(settings: Settings) -> None
 def test_exec_arguments(settings: Settings) -> None:
     sandbox = create_sandbox(settings)
     try:
-        out = sandbox.run(["sh", "-c", 'echo "$GREETING"; pwd; cat'], env={"GREETING": "hi"},
-                          cwd="/tmp", stdin=b"from stdin")
+        out = sandbox.run(
+            ["sh", "-c", 'echo "$GREETING"; pwd; cat'],
+            env={"GREETING": "hi"},
+            cwd="/tmp",
+            stdin=b"from stdin",
+        )
         assert out.stdout == b"hi\n/tmp\nfrom stdin"
         with pytest.raises(InvalidArgumentError):
             sandbox.run([])
@@ -135,8 +140,10 @@ def test_killed_actor_leaves_nothing_behind(settings: Settings) -> None:
     del running
     # Its cgroup and directory go at the pool's next sweep, which follows every claim.
     cgroup_root = settings.isolation.cgroup_root
-    leftovers = [*Path("/sys/fs/cgroup").glob(f"*/{cgroup_root}/{slot}"),
-                 settings.isolation.state_dir / "sandboxes" / slot]
+    leftovers = [
+        *Path("/sys/fs/cgroup").glob(f"*/{cgroup_root}/{slot}"),
+        settings.isolation.state_dir / "sandboxes" / slot,
+    ]
     assert any(path.exists() for path in leftovers)
     stop_sandbox(create_sandbox(settings).id)
     _poll(lambda: not any(path.exists() for path in leftovers), 30)

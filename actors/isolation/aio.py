@@ -21,8 +21,9 @@ async def _wait(fd: int, readable: bool) -> None:
         if not ready.done():
             ready.set_result(None)
 
-    add, remove = (loop.add_reader, loop.remove_reader) if readable else (
-        loop.add_writer, loop.remove_writer)
+    add, remove = (
+        (loop.add_reader, loop.remove_reader) if readable else (loop.add_writer, loop.remove_writer)
+    )
     add(fd, wake)
     try:
         await ready

@@ -48,8 +48,13 @@ class Backend:
 def namespaces_work() -> bool:
     """Can this process create the sandbox namespaces? Probed in a child, so failing is free."""
     root = str(Path(__file__).resolve().parents[2])
-    probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=root, capture_output=True,
-                           env={"PYTHONPATH": root}, timeout=30)
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        cwd=root,
+        capture_output=True,
+        env={"PYTHONPATH": root},
+        timeout=30,
+    )
     overlay = "overlay" in Path("/proc/filesystems").read_text()
     return probe.returncode == 0 and overlay
 
@@ -57,9 +62,14 @@ def namespaces_work() -> bool:
 @cache
 def _warn_degraded(reason: str) -> None:
     banner = "!" * 78
-    log.warning("%s\nCAVE IS RUNNING SANDBOXES WITHOUT ISOLATION: %s\n"
-                "Untrusted code can read and change this host. Set CAVE_ISOLATION_NO_FALLBACK=true "
-                "to refuse instead.\n%s", banner, reason, banner)
+    log.warning(
+        "%s\nCAVE IS RUNNING SANDBOXES WITHOUT ISOLATION: %s\n"
+        "Untrusted code can read and change this host. Set CAVE_ISOLATION_NO_FALLBACK=true "
+        "to refuse instead.\n%s",
+        banner,
+        reason,
+        banner,
+    )
 
 
 def select_backend(settings: IsolationSettings) -> Backend:
@@ -74,30 +84,53 @@ def select_backend(settings: IsolationSettings) -> Backend:
             reasons.append(f"{name}: {exc}")
     reason = "; ".join(reasons) or "CAVE_ISOLATION_BACKEND=none"
     if settings.no_fallback:
-        raise IsolationUnavailableError(f"cannot isolate sandboxes: {reason} "
-                                        "(CAVE_ISOLATION_NO_FALLBACK=true)")
+        raise IsolationUnavailableError(
+            f"cannot isolate sandboxes: {reason} (CAVE_ISOLATION_NO_FALLBACK=true)"
+        )
     _warn_degraded(reason)
-    return Backend("none", False, settings.state_dir, settings.state_dir, (),
-                   settings.sandbox_uid, _cgroups_or_none(settings), helper, _seccomp_or_none())
+    return Backend(
+        "none",
+        False,
+        settings.state_dir,
+        settings.state_dir,
+        (),
+        settings.sandbox_uid,
+        _cgroups_or_none(settings),
+        helper,
+        _seccomp_or_none(),
+    )
 
 
 def _builtin(settings: IsolationSettings, helper: Path) -> Backend:
     if not namespaces_work():
-        raise IsolationUnavailableError("the namespaces needed (user, pid, mount, net, ipc, uts) "
-                                        "or OverlayFS are not available to this process")
+        raise IsolationUnavailableError(
+            "the namespaces needed (user, pid, mount, net, ipc, uts) "
+            "or OverlayFS are not available to this process"
+        )
     if settings.rootfs is not None:
         base, binds = settings.rootfs, tuple[str, ...]()
     else:
         base, binds = ensure_host_base(settings.state_dir)
-    return Backend("builtin", True, settings.state_dir, base, binds, settings.sandbox_uid,
-                   open_driver(settings.cgroup_root), helper, compile_policy())
+    return Backend(
+        "builtin",
+        True,
+        settings.state_dir,
+        base,
+        binds,
+        settings.sandbox_uid,
+        open_driver(settings.cgroup_root),
+        helper,
+        compile_policy(),
+    )
 
 
 # --- bwrap backend (actors/isolation/bwrap.py) ---
 def _bwrap(settings: IsolationSettings, helper: Path) -> Backend:
     if settings.rootfs is not None:
-        raise IsolationUnavailableError("CAVE_ROOTFS is not supported: the zygote runs on the "
-                                        "host's Python, which a custom root does not have")
+        raise IsolationUnavailableError(
+            "CAVE_ROOTFS is not supported: the zygote runs on the "
+            "host's Python, which a custom root does not have"
+        )
     base, binds = ensure_host_base(settings.state_dir)
     # Not root: bwrap runs as this service's own uid, the only one it can map without privileges.
     uid = settings.sandbox_uid if os.geteuid() == 0 else os.geteuid()
@@ -107,8 +140,18 @@ def _bwrap(settings: IsolationSettings, helper: Path) -> Backend:
         bwrap.probe(path, spec, str(helper))
     except bwrap.BwrapError as exc:
         raise IsolationUnavailableError(str(exc)) from None
-    return Backend("bwrap", True, settings.state_dir, base, binds, uid,
-                   _cgroups_or_none(settings), helper, compile_policy(), bwrap_path=path)
+    return Backend(
+        "bwrap",
+        True,
+        settings.state_dir,
+        base,
+        binds,
+        uid,
+        _cgroups_or_none(settings),
+        helper,
+        compile_policy(),
+        bwrap_path=path,
+    )
 
 
 _CANDIDATES: dict[str, tuple[tuple[str, Callable[[IsolationSettings, Path], Backend]], ...]] = {

@@ -72,19 +72,38 @@ def check_request(req: ExecRequest) -> None:
     if req.cwd is not None and (not isinstance(req.cwd, str) or "\0" in req.cwd):
         raise InvalidArgumentError("cwd must be a path string without NUL bytes")
     for key, value in req.env.items():
-        if not (isinstance(key, str) and isinstance(value, str)) or not key or "=" in key or \
-                "\0" in key + value:
-            raise InvalidArgumentError(f"bad environment variable {key!r}: names must be "
-                                       "non-empty without '=', values strings, no NUL bytes")
-    size = len(protocol.encode({"op": "exec", "argv": req.argv, "env": req.env,
-                                "cwd": req.cwd, "timeout_s": req.timeout_s, "id": 0}))
+        if (
+            not (isinstance(key, str) and isinstance(value, str))
+            or not key
+            or "=" in key
+            or "\0" in key + value
+        ):
+            raise InvalidArgumentError(
+                f"bad environment variable {key!r}: names must be "
+                "non-empty without '=', values strings, no NUL bytes"
+            )
+    size = len(
+        protocol.encode(
+            {
+                "op": "exec",
+                "argv": req.argv,
+                "env": req.env,
+                "cwd": req.cwd,
+                "timeout_s": req.timeout_s,
+                "id": 0,
+            }
+        )
+    )
     if size > protocol.MAX_MESSAGE_BYTES - 1024:
-        raise InvalidArgumentError(f"argv and env take {size} bytes; at most "
-                                   f"{protocol.MAX_MESSAGE_BYTES - 1024} are accepted")
+        raise InvalidArgumentError(
+            f"argv and env take {size} bytes; at most "
+            f"{protocol.MAX_MESSAGE_BYTES - 1024} are accepted"
+        )
 
 
-async def run_exec(channel: Channel, req: ExecRequest,
-                   oom_count: Callable[[], int]) -> AsyncIterator[OutputChunk | ExecResult]:
+async def run_exec(
+    channel: Channel, req: ExecRequest, oom_count: Callable[[], int]
+) -> AsyncIterator[OutputChunk | ExecResult]:
     check_request(req)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -94,14 +113,25 @@ async def run_exec(channel: Channel, req: ExecRequest,
     ooms_before = oom_count()
     started = time.monotonic()
     try:
-        await channel.send({"op": "exec", "id": exec_id, "argv": req.argv, "env": req.env,
-                            "cwd": req.cwd, "timeout_s": req.timeout_s}, [stdin_r, out_w, err_w])
+        await channel.send(
+            {
+                "op": "exec",
+                "id": exec_id,
+                "argv": req.argv,
+                "env": req.env,
+                "cwd": req.cwd,
+                "timeout_s": req.timeout_s,
+            },
+            [stdin_r, out_w, err_w],
+        )
     finally:
         for fd in (stdin_r, out_w, err_w):
             os.close(fd)
     queue: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
-    streams = [_Stream("stdout", out_r, req.output_bytes, queue),
-               _Stream("stderr", err_r, req.output_bytes, queue)]
+    streams = [
+        _Stream("stdout", out_r, req.output_bytes, queue),
+        _Stream("stderr", err_r, req.output_bytes, queue),
+    ]
     feeder = asyncio.ensure_future(_feed_stdin(stdin_w, req.stdin))
     try:
         open_streams = len(streams)
@@ -119,12 +149,15 @@ async def run_exec(channel: Channel, req: ExecRequest,
     yield _result(reply, streams, started, ooms_before, oom_count())
 
 
-def _result(reply: dict, streams: list[_Stream], started: float, ooms_before: int,
-            ooms_after: int) -> ExecResult:
+def _result(
+    reply: dict, streams: list[_Stream], started: float, ooms_before: int, ooms_after: int
+) -> ExecResult:
     if "error" in reply:
         if reply.get("errno") == EAGAIN:
-            raise QuotaExceededError(f"cannot start the command: {reply['error']} "
-                                     "(the sandbox's process limit is reached)")
+            raise QuotaExceededError(
+                f"cannot start the command: {reply['error']} "
+                "(the sandbox's process limit is reached)"
+            )
         if reply.get("errno") == 2 or reply.get("kind") == "invalid_argument":
             raise InvalidArgumentError(str(reply["error"]))
         raise SandboxError(f"cannot start the command: {reply['error']}")
@@ -148,7 +181,7 @@ async def _feed_stdin(fd: int, data: bytes | None) -> None:
             view = memoryview(data)
             while view:
                 try:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 except BlockingIOError:
                     await wait_writable(fd)
     except (BrokenPipeError, asyncio.CancelledError):

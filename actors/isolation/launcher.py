@@ -68,8 +68,7 @@ def _join_cgroup(setup: dict[str, Any]) -> None:
             f.write("0")  # "0" is the writer itself, whatever pid namespace it sees
 
 
-def _launch_isolated(sock: socket.socket, keeper: socket.socket,
-                     setup: dict[str, Any]) -> NoReturn:
+def _launch_isolated(sock: socket.socket, keeper: socket.socket, setup: dict[str, Any]) -> NoReturn:
     spec = rootfs.RootfsSpec(**setup["rootfs"])
     os.setgroups([])
     sc.unshare(sc.CLONE_NEWNS)  # ours alone: the disk mount lives here, unseen by the host
@@ -121,8 +120,9 @@ def _write_id_maps(pid: int, uid: int) -> None:
             f.write(f"0 {uid} 1\n")
 
 
-def _become_zygote(sock: socket.socket, setup: dict[str, Any], to_parent: int,
-                   from_parent: int) -> NoReturn:
+def _become_zygote(
+    sock: socket.socket, setup: dict[str, Any], to_parent: int, from_parent: int
+) -> NoReturn:
     try:
         sc.set_parent_death_signal(signal.SIGKILL)  # the launcher's end is the sandbox's end
         # Opened before pivot_root: afterwards the host path is gone, /proc/self/fd/N still runs it.
@@ -157,6 +157,8 @@ def _launch_bwrap(sock: socket.socket, setup: dict[str, Any]) -> NoReturn:
     """bwrap builds namespaces and root as the sandbox uid; the cgroup is joined first, as root."""
     _join_cgroup(setup)
     bwrap.launch(sock, setup, _seccomp_memfd(setup))
+
+
 # --- end bwrap backend ---
 
 

@@ -18,21 +18,54 @@ from actors.isolation import syscalls as sc
 HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # /etc is not shown whole: secrets (shadow, ssh host keys, sudoers, credentials) stay on the host.
 ETC_ALLOWLIST = (
-    "alternatives", "ssl", "ca-certificates", "ca-certificates.conf", "ld.so.cache", "ld.so.conf",
-    "ld.so.conf.d", "nsswitch.conf", "host.conf", "protocols", "services", "mime.types",
-    "localtime", "timezone", "os-release", "debian_version", "issue", "profile", "bash.bashrc",
-    "inputrc", "magic", "magic.mime", "locale.alias", "python3", "python3.11", "environment",
+    "alternatives",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "nsswitch.conf",
+    "host.conf",
+    "protocols",
+    "services",
+    "mime.types",
+    "localtime",
+    "timezone",
+    "os-release",
+    "debian_version",
+    "issue",
+    "profile",
+    "bash.bashrc",
+    "inputrc",
+    "magic",
+    "magic.mime",
+    "locale.alias",
+    "python3",
+    "python3.11",
+    "environment",
 )
-BASE_DIRS = {"proc": 0o555, "dev": 0o755, "tmp": 0o1777, "workspace": 0o755, "root": 0o700,
-             "home": 0o755, "etc": 0o755, "run": 0o755, "var": 0o755, "var/tmp": 0o1777,
-             "sys": 0o555}
+BASE_DIRS = {
+    "proc": 0o555,
+    "dev": 0o755,
+    "tmp": 0o1777,
+    "workspace": 0o755,
+    "root": 0o700,
+    "home": 0o755,
+    "etc": 0o755,
+    "run": 0o755,
+    "var": 0o755,
+    "var/tmp": 0o1777,
+    "sys": 0o555,
+}
 # Inodes the sandbox user must own to write there (the lower layer belongs to host root).
 SANDBOX_OWNED = ("workspace", "root", "tmp", "var/tmp", "run")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 BASE_VERSION = "1"
 
-PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
-          "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
@@ -109,24 +142,39 @@ def mount_disk(spec: RootfsSpec) -> None:
     sc.mount("none", "/", None, sc.MS_REC | sc.MS_PRIVATE)
     disk = Path(spec.sandbox_dir, "disk")
     disk.mkdir(exist_ok=True)
-    sc.mount("cave-disk", str(disk), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-             f"size={spec.disk_bytes},mode=0755")
+    sc.mount(
+        "cave-disk",
+        str(disk),
+        "tmpfs",
+        sc.MS_NOSUID | sc.MS_NODEV,
+        f"size={spec.disk_bytes},mode=0755",
+    )
     for sub in ("upper", "work"):
         (disk / sub).mkdir()
     os.chown(disk / "upper", spec.uid, spec.uid)
 
 
 def resize_disk(spec: RootfsSpec, disk_bytes: int) -> None:
-    sc.mount("none", str(Path(spec.sandbox_dir, "disk")), None,
-             sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV, f"size={disk_bytes}")
+    sc.mount(
+        "none",
+        str(Path(spec.sandbox_dir, "disk")),
+        None,
+        sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV,
+        f"size={disk_bytes}",
+    )
 
 
 def assemble(spec: RootfsSpec) -> None:
     """Mount the sandbox root and pivot into it, as host root in new mount and pid namespaces."""
     disk, merged = Path(spec.sandbox_dir, "disk"), Path(spec.sandbox_dir, "root")
     merged.mkdir(exist_ok=True)
-    sc.mount("cave-root", str(merged), "overlay", sc.MS_NODEV,
-             f"lowerdir={spec.base},upperdir={disk}/upper,workdir={disk}/work")
+    sc.mount(
+        "cave-root",
+        str(merged),
+        "overlay",
+        sc.MS_NODEV,
+        f"lowerdir={spec.base},upperdir={disk}/upper,workdir={disk}/work",
+    )
     for rel in SANDBOX_OWNED:
         os.chown(merged / rel, spec.uid, spec.uid)
     for name in spec.host_binds:
@@ -140,8 +188,9 @@ def assemble(spec: RootfsSpec) -> None:
 
 def _bind_readonly(source: str, target: str) -> None:
     sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
-    sc.mount("none", target, None,
-             sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+    sc.mount(
+        "none", target, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+    )
 
 
 def _mount_dev(dev: Path, spec: RootfsSpec) -> None:
@@ -149,12 +198,21 @@ def _mount_dev(dev: Path, spec: RootfsSpec) -> None:
     for name in DEVICES:
         (dev / name).touch()
         sc.mount(f"/dev/{name}", str(dev / name), None, sc.MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, dev / name)
     (dev / "shm").mkdir()
-    sc.mount("cave-shm", str(dev / "shm"), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
-             f"size={spec.shm_bytes},mode=1777")
+    sc.mount(
+        "cave-shm",
+        str(dev / "shm"),
+        "tmpfs",
+        sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+        f"size={spec.shm_bytes},mode=1777",
+    )
     os.chown(dev / "shm", spec.uid, spec.uid)
     sc.mount("none", str(dev), None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NOEXEC)
 

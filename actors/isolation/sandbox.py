@@ -88,7 +88,10 @@ class Sandbox:
         fds = (sandbox_sock.fileno(), sandbox_keeper.fileno())
         self._launcher = subprocess.Popen(
             [sys.executable, "-m", "actors.isolation.launcher", *map(str, fds)],
-            pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=_PACKAGE_ROOT,
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            cwd=_PACKAGE_ROOT,
             env={"PYTHONPATH": _PACKAGE_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         )
         sandbox_sock.close()
@@ -106,17 +109,19 @@ class Sandbox:
         if self.backend.cgroups is not None:
             self._cgroup = self.backend.cgroups.create(self.id, _cgroup_limits(limits))
         assert self._channel is not None
-        await self._channel.send({
-            "op": "setup",
-            "isolated": self.backend.isolated,
-            "backend": self.backend.name,
-            "bwrap_path": self.backend.bwrap_path,
-            "uid": self.backend.sandbox_uid,
-            "cgroup_procs": self._cgroup.procs_files() if self._cgroup else [],
-            "exec_helper": str(self.backend.exec_helper),
-            "seccomp_bpf": self.backend.seccomp_bpf.hex() if self.backend.seccomp_bpf else None,
-            "rootfs": self._rootfs_spec(limits).__dict__,
-        })
+        await self._channel.send(
+            {
+                "op": "setup",
+                "isolated": self.backend.isolated,
+                "backend": self.backend.name,
+                "bwrap_path": self.backend.bwrap_path,
+                "uid": self.backend.sandbox_uid,
+                "cgroup_procs": self._cgroup.procs_files() if self._cgroup else [],
+                "exec_helper": str(self.backend.exec_helper),
+                "seccomp_bpf": self.backend.seccomp_bpf.hex() if self.backend.seccomp_bpf else None,
+                "rootfs": self._rootfs_spec(limits).__dict__,
+            }
+        )
         spawned = await self._expect("spawned")
         self._zygote_pid = int(spawned["pid"])
         await self._expect("ready")
@@ -126,9 +131,12 @@ class Sandbox:
 
     def _rootfs_spec(self, limits: SandboxLimits) -> RootfsSpec:
         return RootfsSpec(
-            base=str(self.backend.base), sandbox_dir=str(self.sandbox_dir),
-            disk_bytes=limits.disk_bytes, shm_bytes=min(SHM_BYTES_MAX, limits.disk_bytes),
-            uid=self.backend.sandbox_uid, hostname=f"cave-{self.id[:12]}",
+            base=str(self.backend.base),
+            sandbox_dir=str(self.sandbox_dir),
+            disk_bytes=limits.disk_bytes,
+            shm_bytes=min(SHM_BYTES_MAX, limits.disk_bytes),
+            uid=self.backend.sandbox_uid,
+            hostname=f"cave-{self.id[:12]}",
             host_binds=self.backend.host_binds,
         )
 
@@ -161,12 +169,15 @@ class Sandbox:
                 event = await asyncio.wait_for(self._events.get(), max(remaining, 0.001))
             except TimeoutError:
                 raise SandboxError(
-                    f"sandbox {self.id}: no {op!r} within {START_TIMEOUT_S}s") from None
+                    f"sandbox {self.id}: no {op!r} within {START_TIMEOUT_S}s"
+                ) from None
             if event.get("op") == op:
                 return event
             if event.get("op") in ("failed", "closed"):
-                raise SandboxError(f"sandbox {self.id} failed to start: "
-                                   f"{event.get('error', 'the launcher exited')}")
+                raise SandboxError(
+                    f"sandbox {self.id} failed to start: "
+                    f"{event.get('error', 'the launcher exited')}"
+                )
 
     def _require_channel(self) -> Channel:
         if self.state != "running" or self._channel is None or self._channel.closed:
@@ -175,16 +186,23 @@ class Sandbox:
             raise SandboxStateError(f"sandbox {self.id} is {self.state}")
         return self._channel
 
-    async def exec(self, argv: list[str], *, env: dict[str, str] | None = None,
-                   cwd: str | None = None, stdin: bytes | None = None,
-                   timeout_s: float | None = None) -> AsyncIterator[OutputChunk | ExecResult]:
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[OutputChunk | ExecResult]:
         """Run one command; yields output chunks as they come, then the ExecResult."""
         channel = self._require_channel()
         assert self.limits is not None
         timeout = self.limits.timeout_s if timeout_s is None else timeout_s
         if timeout <= 0 or timeout > self.limits.timeout_s:
             raise InvalidArgumentError(
-                f"timeout_s must be in (0, {self.limits.timeout_s}], got {timeout}")
+                f"timeout_s must be in (0, {self.limits.timeout_s}], got {timeout}"
+            )
         request = ExecRequest(argv, env or {}, cwd, stdin, timeout, self.limits.output_bytes)
         async for item in run_exec(channel, request, self._oom_count):
             yield item

@@ -27,7 +27,7 @@ def relative_path(path: str) -> str:
     if path.startswith("/"):
         if path != WORKSPACE and not path.startswith(WORKSPACE + "/"):
             raise PathEscape(f"{path!r} is outside {WORKSPACE}")
-        path = path[len(WORKSPACE):]
+        path = path[len(WORKSPACE) :]
     parts: list[str] = []
     for part in path.split("/"):
         if part == "..":
@@ -125,5 +125,10 @@ class Workspace:
 def _entry(entry: os.DirEntry[str]) -> dict[str, Any]:
     st = entry.stat(follow_symlinks=False)
     kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
-    return {"name": entry.name, "type": kind, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
-            "mtime": st.st_mtime}
+    return {
+        "name": entry.name,
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }

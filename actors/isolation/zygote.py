@@ -95,12 +95,15 @@ class Zygote:
         try:
             pid = self._fork_command(req, fds)
         except OSError as exc:
-            protocol.send(self.sock, {"op": "exit", "id": exec_id, "error": exc.strerror,
-                                      "errno": exc.errno})
+            protocol.send(
+                self.sock, {"op": "exit", "id": exec_id, "error": exc.strerror, "errno": exc.errno}
+            )
             return
         except (ValueError, TypeError, KeyError) as exc:  # malformed: refuse, keep serving
-            protocol.send(self.sock, {"op": "exit", "id": exec_id, "error": str(exc),
-                                      "kind": "invalid_argument"})
+            protocol.send(
+                self.sock,
+                {"op": "exit", "id": exec_id, "error": str(exc), "kind": "invalid_argument"},
+            )
             return
         finally:
             for fd in fds:
@@ -117,8 +120,14 @@ class Zygote:
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds[:3])]
         if self.bpf_fd >= 0:
             actions.append((os.POSIX_SPAWN_DUP2, self.bpf_fd, BPF_FD))
-        argv = ["cave-exec", "1" if self.isolated else "0", str(BPF_FD if self.bpf_fd >= 0 else -1),
-                cwd, "--", *req["argv"]]
+        argv = [
+            "cave-exec",
+            "1" if self.isolated else "0",
+            str(BPF_FD if self.bpf_fd >= 0 else -1),
+            cwd,
+            "--",
+            *req["argv"],
+        ]
         env = {**DEFAULT_ENV, **req.get("env", {})}
         # posix_spawn (vfork underneath): no copy of this Python process per command.
         if self.isolated:
@@ -139,8 +148,10 @@ class Zygote:
             sel.unregister(run.pidfd)
             os.close(run.pidfd)
             code = 124 if run.timed_out else _exit_code(status)
-            protocol.send(self.sock, {"op": "exit", "id": run.exec_id, "exit_code": code,
-                                      "timed_out": run.timed_out})
+            protocol.send(
+                self.sock,
+                {"op": "exit", "id": run.exec_id, "exit_code": code, "timed_out": run.timed_out},
+            )
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()

@@ -27,8 +27,9 @@ from actors.isolation.results import ExecResult
 from actors.isolation.sandbox import Sandbox
 from config.settings import SandboxLimits, load_settings
 
-LIMITS = SandboxLimits(memory_mb=256, pids=64, cpu=1, disk_mb=64, timeout_s=30,
-                       output_bytes=1 << 20)
+LIMITS = SandboxLimits(
+    memory_mb=256, pids=64, cpu=1, disk_mb=64, timeout_s=30, output_bytes=1 << 20
+)
 RUN_ID = uuid.uuid4().hex[:8]
 TEST_ROOT = Path(f"/run/cave-test-{RUN_ID}")
 CGROUP_ROOT = f"cave-test-{RUN_ID}"  # never the production "cave" subtree
@@ -76,8 +77,9 @@ async def open_sandbox(backend: Backend, limits: SandboxLimits = LIMITS) -> Asyn
         await sandbox.stop()
 
 
-async def run(sandbox: Sandbox, command: list[str] | str,
-              **kwargs: Any) -> tuple[bytes, bytes, ExecResult]:
+async def run(
+    sandbox: Sandbox, command: list[str] | str, **kwargs: Any
+) -> tuple[bytes, bytes, ExecResult]:
     """Collect one exec: (stdout, stderr, result). A string is a shell script for `sh -c`."""
     argv = ["sh", "-c", command] if isinstance(command, str) else command
     out, err = bytearray(), bytearray()
@@ -106,8 +108,11 @@ async def assert_host_and_next_sandbox_fine(backend: Backend) -> None:
 
 def cgroup_dirs(sandbox_id: str) -> list[str]:
     """Where the sandbox's cgroup lives in every hierarchy (v1) or the unified one (v2)."""
-    return [os.path.join(m.path, CGROUP_ROOT, sandbox_id) for m in read_mounts()
-            if os.path.isdir(os.path.join(m.path, CGROUP_ROOT))]
+    return [
+        os.path.join(m.path, CGROUP_ROOT, sandbox_id)
+        for m in read_mounts()
+        if os.path.isdir(os.path.join(m.path, CGROUP_ROOT))
+    ]
 
 
 def host_pids_with_cmdline(argv: list[str]) -> list[int]:

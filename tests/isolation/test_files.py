@@ -71,8 +71,10 @@ async def test_paths_leaving_the_workspace_are_refused(backend: Backend, path: s
 async def test_symlinks_planted_inside_cannot_reach_outside(backend: Backend) -> None:
     async with open_sandbox(backend) as sandbox:
         _, err, result = await run(
-            sandbox, "ln -s /etc /workspace/link && ln -s ../../.. /workspace/up && "
-                     "ln -s /etc/passwd /workspace/pw && mkdir -p /workspace/d/e")
+            sandbox,
+            "ln -s /etc /workspace/link && ln -s ../../.. /workspace/up && "
+            "ln -s /etc/passwd /workspace/pw && mkdir -p /workspace/d/e",
+        )
         assert result.exit_code == 0, err
         for path in ("link/passwd", "up/etc/passwd", "pw", "d/e/../../up/etc/passwd"):
             with pytest.raises(InvalidPathError):

@@ -95,7 +95,8 @@ async def test_disk_fill_stops_at_the_quota(backend: Backend) -> None:
     count = 2 * LIMITS.disk_mb
     async with open_sandbox(backend) as sandbox:
         _, err, result = await run(
-            sandbox, ["dd", "if=/dev/zero", "of=/workspace/big", "bs=1M", f"count={count}"])
+            sandbox, ["dd", "if=/dev/zero", "of=/workspace/big", "bs=1M", f"count={count}"]
+        )
         assert result.exit_code != 0
         assert b"No space left on device" in err
         (entry,) = [e for e in await sandbox.files.list() if e.name == "big"]
@@ -143,10 +144,13 @@ async def test_timeout_kills_double_forked_children(backend: Backend) -> None:
     duration = unique_sleep()
     async with open_sandbox(backend) as sandbox:
         _, _, result = await run(
-            sandbox, f"(setsid sleep {duration} &); sleep {duration}", timeout_s=1)
+            sandbox, f"(setsid sleep {duration} &); sleep {duration}", timeout_s=1
+        )
         assert (result.timed_out, result.exit_code) == (True, 124)
-        await poll_until(lambda: not host_pids_with_cmdline(["sleep", duration]),
-                         "the double-forked sleep still runs on the host")
+        await poll_until(
+            lambda: not host_pids_with_cmdline(["sleep", duration]),
+            "the double-forked sleep still runs on the host",
+        )
         await assert_still_works(sandbox)
     await assert_host_and_next_sandbox_fine(backend)
 
@@ -178,8 +182,10 @@ for host, port in [tuple(a.split(":")) for a in sys.argv[1:]]:
 @async_test
 async def test_network_egress_is_cut(backend: Backend) -> None:
     abstract = f"cave-test-{uuid.uuid4().hex}"  # abstract unix sockets belong to the net namespace
-    with socket.create_server(("127.0.0.1", 0)) as listener, \
-            socket.socket(socket.AF_UNIX) as unix_listener:
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.socket(socket.AF_UNIX) as unix_listener,
+    ):
         host_port = listener.getsockname()[1]
         unix_listener.bind("\0" + abstract)
         unix_listener.listen()
@@ -187,9 +193,19 @@ async def test_network_egress_is_cut(backend: Backend) -> None:
         with socket.socket(socket.AF_UNIX) as client:
             client.connect("\0" + abstract)
         async with open_sandbox(backend) as sandbox:
-            out, err, result = await run(sandbox, [
-                "python3", "-c", CONNECT, "127.0.0.1:5432", f"127.0.0.1:{host_port}",
-                "1.1.1.1:53", "10.0.2.2:80", f"abstract:{abstract}"])
+            out, err, result = await run(
+                sandbox,
+                [
+                    "python3",
+                    "-c",
+                    CONNECT,
+                    "127.0.0.1:5432",
+                    f"127.0.0.1:{host_port}",
+                    "1.1.1.1:53",
+                    "10.0.2.2:80",
+                    f"abstract:{abstract}",
+                ],
+            )
     assert result.exit_code == 0, err
     assert out.decode().splitlines() == [
         "127.0.0.1 5432 ECONNREFUSED",
@@ -203,9 +219,11 @@ async def test_network_egress_is_cut(backend: Backend) -> None:
 
 @async_test
 async def test_only_loopback_exists_and_it_works(backend: Backend) -> None:
-    echo = ("import socket\nserver = socket.create_server(('127.0.0.1', 0))\n"
-            "client = socket.create_connection(server.getsockname())\n"
-            "conn, _ = server.accept(); client.sendall(b'ping'); print(conn.recv(4).decode())")
+    echo = (
+        "import socket\nserver = socket.create_server(('127.0.0.1', 0))\n"
+        "client = socket.create_connection(server.getsockname())\n"
+        "conn, _ = server.accept(); client.sendall(b'ping'); print(conn.recv(4).decode())"
+    )
     async with open_sandbox(backend) as sandbox:
         dev, _, _ = await run(sandbox, ["cat", "/proc/net/dev"])
         out, err, result = await run(sandbox, ["python3", "-c", echo])
@@ -240,10 +258,22 @@ async def test_host_files_are_out_of_reach(backend: Backend) -> None:
 
 
 SYSCALL_NUMBERS = {
-    "x86_64": {"ptrace": 101, "mount": 165, "unshare": 272, "keyctl": 250, "bpf": 321,
-               "io_uring_setup": 425},
-    "aarch64": {"ptrace": 117, "mount": 40, "unshare": 97, "keyctl": 219, "bpf": 280,
-                "io_uring_setup": 425},
+    "x86_64": {
+        "ptrace": 101,
+        "mount": 165,
+        "unshare": 272,
+        "keyctl": 250,
+        "bpf": 321,
+        "io_uring_setup": 425,
+    },
+    "aarch64": {
+        "ptrace": 117,
+        "mount": 40,
+        "unshare": 97,
+        "keyctl": 219,
+        "bpf": 280,
+        "io_uring_setup": 425,
+    },
 }
 # Each call would succeed (or fail otherwise than EPERM) for an unfiltered process with these args.
 PRIVILEGED_CALLS = """
@@ -272,7 +302,8 @@ async def test_privileged_syscalls_are_refused(backend: Backend) -> None:
     assert numbers is not None, f"no syscall numbers for {platform.machine()}"
     async with open_sandbox(backend) as sandbox:
         out, err, result = await run(
-            sandbox, ["python3", "-c", PRIVILEGED_CALLS, json.dumps(numbers)])
+            sandbox, ["python3", "-c", PRIVILEGED_CALLS, json.dumps(numbers)]
+        )
         uid, _, _ = await run(sandbox, ["id", "-u"])
         status, _, _ = await run(sandbox, ["cat", "/proc/self/status"])
     assert result.exit_code == 0, err
@@ -295,12 +326,15 @@ async def test_sandbox_processes_run_as_the_unprivileged_uid(backend: Backend) -
     async with open_sandbox(backend) as sandbox:
         sleeper = asyncio.ensure_future(run(sandbox, ["sleep", duration]))
         try:
-            await poll_until(lambda: host_pids_with_cmdline(["sleep", duration]) != [],
-                             "the sandbox's sleep never appeared on the host")
+            await poll_until(
+                lambda: host_pids_with_cmdline(["sleep", duration]) != [],
+                "the sandbox's sleep never appeared on the host",
+            )
             (pid,) = host_pids_with_cmdline(["sleep", duration])
             assert _uid_line(pid) == [backend.sandbox_uid] * 4
-            members = [int(p) for p in
-                       Path(_cgroup_file(sandbox.id, "cgroup.procs")).read_text().split()]
+            members = [
+                int(p) for p in Path(_cgroup_file(sandbox.id, "cgroup.procs")).read_text().split()
+            ]
             assert pid in members
             assert all(_uid_line(p) == [backend.sandbox_uid] * 4 for p in members)
             os.kill(pid, signal.SIGKILL)  # the host may signal the sandbox, not the reverse
@@ -319,8 +353,10 @@ async def test_only_the_sandboxs_own_processes_are_visible(backend: Backend) -> 
     pids = [name for name in listing.decode().split() if name.isdigit()]
     assert 0 < len(pids) < 10, pids
     assert ps_result.exit_code == 0, f"`ps -ef` fails inside the sandbox: {ps_err!r}"
-    names = [os.path.basename(line.split(None, 7)[7].split()[0])  # program of the CMD column
-             for line in ps.decode().splitlines()[1:]]
+    names = [
+        os.path.basename(line.split(None, 7)[7].split()[0])  # program of the CMD column
+        for line in ps.decode().splitlines()[1:]
+    ]
     assert 0 < len(names) < 10 and "ps" in names, names
     assert not {"postgres", "pytest", "sshd", "systemd"} & set(names)
     await assert_host_and_next_sandbox_fine(backend)
@@ -329,13 +365,16 @@ async def test_only_the_sandboxs_own_processes_are_visible(backend: Backend) -> 
 @async_test
 async def test_host_processes_cannot_be_signalled(backend: Backend) -> None:
     bystander = subprocess.Popen(["sleep", unique_sleep()])
-    probe = ("import os\ntry:\n os.kill(int(os.environ['HOST_PID']), 0)\n"
-             "except OSError as e:\n print(e.errno)")
+    probe = (
+        "import os\ntry:\n os.kill(int(os.environ['HOST_PID']), 0)\n"
+        "except OSError as e:\n print(e.errno)"
+    )
     try:
         async with open_sandbox(backend) as sandbox:
             _, kill_err, kill = await run(sandbox, ["kill", "-9", str(bystander.pid)])
-            esrch, _, _ = await run(sandbox, ["python3", "-c", probe],
-                                    env={"HOST_PID": str(os.getpid())})
+            esrch, _, _ = await run(
+                sandbox, ["python3", "-c", probe], env={"HOST_PID": str(os.getpid())}
+            )
             init_out, _, _ = await run(sandbox, "kill -9 1; echo still here")
             await assert_still_works(sandbox)
         assert bystander.poll() is None, "a sandbox killed a host process"
@@ -362,7 +401,8 @@ def _processes_in_cgroup(sandbox_id: str) -> list[int]:
 async def test_no_traces_between_sandboxes_or_after_stop(backend: Backend) -> None:
     async with open_sandbox(backend) as first:
         _, err, result = await run(
-            first, "set -e; echo secret > /tmp/trace; echo secret > /dev/shm/trace")
+            first, "set -e; echo secret > /tmp/trace; echo secret > /dev/shm/trace"
+        )
         assert result.exit_code == 0, err
         assert all(os.path.isdir(d) for d in cgroup_dirs(first.id)) and cgroup_dirs(first.id)
         assert first.sandbox_dir.is_dir()
@@ -374,4 +414,3 @@ async def test_no_traces_between_sandboxes_or_after_stop(backend: Backend) -> No
     assert first.id not in Path("/proc/self/mountinfo").read_text()
     assert not first.sandbox_dir.exists()
     assert not (backend.state_dir / "sandboxes" / first.id).exists()
-

@@ -87,7 +87,8 @@ MALFORMED_EXECS = {
 @pytest.mark.parametrize(("argv", "env"), MALFORMED_EXECS.values(), ids=MALFORMED_EXECS.keys())
 @async_test
 async def test_malformed_exec_is_refused_without_killing_the_sandbox(
-        backend: Backend, argv: list[Any], env: dict[str, Any] | None) -> None:
+    backend: Backend, argv: list[Any], env: dict[str, Any] | None
+) -> None:
     async with open_sandbox(backend) as sandbox:
         with pytest.raises(InvalidArgumentError):
             await run(sandbox, argv, env=env)
@@ -105,7 +106,8 @@ async def test_timeout_outside_the_limit_is_invalid(backend: Backend, timeout_s:
 
 @async_test
 async def test_argv_larger_than_a_control_message_does_not_break_the_sandbox(
-        backend: Backend) -> None:
+    backend: Backend,
+) -> None:
     # 1.5 MB of arguments: within the kernel's execve limit (a quarter of the 8 MiB stack), above
     # the 1 MiB control-socket message. Running it or refusing it are both fine; losing the
     # sandbox (and every other exec in it) is not.
@@ -125,8 +127,9 @@ async def test_stop_during_an_exec_ends_it_and_its_processes(backend: Backend) -
     duration = unique_sleep()
     async with open_sandbox(backend) as sandbox:
         running = asyncio.ensure_future(run(sandbox, ["sleep", duration]))
-        await poll_until(lambda: host_pids_with_cmdline(["sleep", duration]) != [],
-                         "the sleep never started")
+        await poll_until(
+            lambda: host_pids_with_cmdline(["sleep", duration]) != [], "the sleep never started"
+        )
         await sandbox.stop()
         with pytest.raises(CaveError):
             await running
@@ -219,7 +222,8 @@ async def test_concurrent_execs_in_one_sandbox(backend: Backend) -> None:
     # need more than the 64 of LIMITS.
     async with open_sandbox(backend, LIMITS.model_copy(update={"pids": 128})) as sandbox:
         results = await asyncio.gather(
-            *(run(sandbox, f"echo start {i}; sleep 0.2; echo end {i}") for i in range(20)))
+            *(run(sandbox, f"echo start {i}; sleep 0.2; echo end {i}") for i in range(20))
+        )
     for i, (out, err, result) in enumerate(results):
         assert (out, err, result.exit_code) == (f"start {i}\nend {i}\n".encode(), b"", 0)
 
@@ -227,7 +231,8 @@ async def test_concurrent_execs_in_one_sandbox(backend: Backend) -> None:
 @async_test
 async def test_degraded_backend_still_runs_commands(backend: Backend) -> None:
     degraded = select_backend(
-        load_settings(env=isolation_env(CAVE_ISOLATION_BACKEND="none")).isolation)
+        load_settings(env=isolation_env(CAVE_ISOLATION_BACKEND="none")).isolation
+    )
     assert (degraded.name, degraded.isolated) == ("none", False)
     async with open_sandbox(degraded) as sandbox:
         out, err, result = await run(sandbox, ["echo", "ok"])
@@ -235,8 +240,9 @@ async def test_degraded_backend_still_runs_commands(backend: Backend) -> None:
 
 
 def test_degraded_backend_refused_when_fallback_is_forbidden(backend: Backend) -> None:
-    settings = load_settings(env=isolation_env(CAVE_ISOLATION_BACKEND="none",
-                                               CAVE_ISOLATION_NO_FALLBACK="true"))
+    settings = load_settings(
+        env=isolation_env(CAVE_ISOLATION_BACKEND="none", CAVE_ISOLATION_NO_FALLBACK="true")
+    )
     with pytest.raises(IsolationUnavailableError, match="NO_FALLBACK"):
         select_backend(settings.isolation)
 

@@ -26,8 +26,11 @@ def ensure_exec_helper(state_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
     for extra in (["-static"], []):  # static when libc.a exists, else dynamic against the host libc
-        result = subprocess.run([compiler, "-O2", *extra, "-o", str(staging), str(SOURCE)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, "-O2", *extra, "-o", str(staging), str(SOURCE)],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode == 0:
             os.replace(staging, target)  # atomic: concurrent builders on one node all succeed
             return target
