@@ -30,19 +30,4 @@ class DirectoryService:
         return sorted(self._entries)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class SandboxDirectory:
-    def __init__(self) -> None:
-        self._service = DirectoryService()
-
-    def register(self, sandbox_id: str, actor: ActorHandle, node_id: str) -> None:
-        self._service.register(sandbox_id, actor, node_id)
-
-    def lookup(self, sandbox_id: str) -> tuple[ActorHandle, str]:
-        return self._service.lookup(sandbox_id)
-
-    def remove(self, sandbox_id: str) -> None:
-        self._service.remove(sandbox_id)
-
-    def ids(self) -> list[str]:
-        return self._service.ids()
+SandboxDirectory = ray.remote(num_cpus=0, max_restarts=-1)(DirectoryService)

@@ -107,6 +107,7 @@ class SandboxService:
         stdin: bytes | None = None,
         timeout_s: float | None = None,
     ) -> ExecOutput:
+        """Run to completion in one call: cheaper than the stream when output is not needed live."""
         out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         async for item in self.exec(command, env, cwd, stdin, timeout_s):
             if isinstance(item, ExecResult):
@@ -137,58 +138,6 @@ class SandboxService:
         await self._sandbox.stop()
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class SandboxActor:
-    """Ray shell: each method delegates to SandboxService; exec is a streaming generator."""
-
-    def __init__(self, isolation: IsolationSettings) -> None:
-        self._service = SandboxService(isolation)
-
-    async def prepare(self, limits: SandboxLimits) -> None:
-        await self._service.prepare(limits)
-
-    async def start(self, sandbox_id: str, limits: SandboxLimits) -> SandboxInfo:
-        return await self._service.start(sandbox_id, limits)
-
-    def info(self) -> SandboxInfo:
-        return self._service.info()
-
-    async def exec(
-        self,
-        command: str | list[str],
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: bytes | None = None,
-        timeout_s: float | None = None,
-    ) -> AsyncIterator[OutputChunk | ExecResult]:
-        async for item in self._service.exec(command, env, cwd, stdin, timeout_s):
-            yield item
-
-    async def run(
-        self,
-        command: str | list[str],
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: bytes | None = None,
-        timeout_s: float | None = None,
-    ) -> ExecOutput:
-        """Run to completion in one call: cheaper than the stream when output is not needed live."""
-        return await self._service.run(command, env, cwd, stdin, timeout_s)
-
-    async def write_file(self, path: str, data: bytes) -> int:
-        return await self._service.write_file(path, data)
-
-    async def read_file(self, path: str) -> bytes:
-        return await self._service.read_file(path)
-
-    async def list_files(self, path: str = "") -> list[FileEntry]:
-        return await self._service.list_files(path)
-
-    async def delete_file(self, path: str, recursive: bool = False) -> None:
-        await self._service.delete_file(path, recursive)
-
-    async def stop(self) -> SandboxInfo:
-        return await self._service.stop()
-
-    async def discard(self) -> None:
-        await self._service.discard()
+# The Ray shell is the plain class itself: every public method becomes an actor method (exec a
+# streaming generator), while SandboxService stays testable without Ray.
+SandboxActor = ray.remote(num_cpus=0, max_restarts=0)(SandboxService)

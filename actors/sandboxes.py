@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.actor import ActorHandle
@@ -46,12 +46,16 @@ def directory() -> ActorHandle:
 
 @cache
 def _directory_of(cluster: str) -> ActorHandle:
-    return SandboxDirectory.options(  # type: ignore[attr-defined]
-        name=DIRECTORY_NAME,
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-    ).remote()
+    # cast: Ray's stubs type `.remote()` on an actor class as handle-or-class.
+    return cast(
+        ActorHandle,
+        SandboxDirectory.options(
+            name=DIRECTORY_NAME,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+        ).remote(),
+    )
 
 
 def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
@@ -61,13 +65,16 @@ def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
 
 @cache
 def _pool_of(cluster: str, node_id: str, settings: Settings) -> ActorHandle:
-    return WarmPool.options(  # type: ignore[attr-defined]
-        name=pool_name(node_id),
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        **pinned(node_id),
-    ).remote(node_id, settings.isolation, settings.defaults, settings.pool.size_per_node)
+    return cast(
+        ActorHandle,
+        WarmPool.options(
+            name=pool_name(node_id),
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            **pinned(node_id),
+        ).remote(node_id, settings.isolation, settings.defaults, settings.pool.size_per_node),
+    )
 
 
 def choose_node(node_id: str | None = None) -> str:

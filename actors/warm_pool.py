@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.actor import ActorHandle
@@ -43,7 +43,7 @@ class PoolService:
     def _new_actor(self) -> ActorHandle:
         self.created += 1
         options = pinned(self.node_id)
-        return SandboxActor.options(**options).remote(self.isolation)  # type: ignore[attr-defined]
+        return cast(ActorHandle, SandboxActor.options(**options).remote(self.isolation))
 
     async def _prepare_one(self) -> None:
         self._filling += 1
@@ -122,24 +122,14 @@ class PoolService:
                 ray.kill(actor)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
-class WarmPool:
+class _FillingPool(PoolService):
+    """As a Ray actor the pool starts filling at once, not at its first call."""
+
     def __init__(
         self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits, size: int
     ) -> None:
-        self._service = PoolService(node_id, isolation, defaults, size)
-        self._service.refill()
+        super().__init__(node_id, isolation, defaults, size)
+        self.refill()
 
-    async def acquire(self) -> ActorHandle:
-        return await self._service.acquire()
 
-    async def create(
-        self, sandbox_id: str, limits: SandboxLimits, directory: ActorHandle
-    ) -> tuple[ActorHandle, SandboxInfo]:
-        return await self._service.create(sandbox_id, limits, directory)
-
-    def stats(self) -> dict[str, int]:
-        return self._service.stats()
-
-    async def drain(self) -> None:
-        await self._service.drain()
+WarmPool = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(_FillingPool)
