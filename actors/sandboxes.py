@@ -155,3 +155,27 @@ def stop_sandbox(sandbox_id: str) -> SandboxInfo:
         _get(directory().remove.remote(sandbox_id))
         ray.kill(handle.actor)
     return info
+
+
+def stop_all(timeout_s: float = 30.0) -> list[str]:
+    """Discard every pool's spares and stop every registered sandbox of this cluster.
+
+    Call it before shutting a cluster down: sandboxes whose actors just die leave their empty
+    cgroups and directories for a later sweep. Best effort; returns what could not be done.
+    """
+    problems: list[str] = []
+    names = ray.util.list_named_actors()
+    pools = [ray.get_actor(n, namespace=NAMESPACE) for n in names if n.startswith("cave-pool-")]
+    try:
+        ray.get([pool.drain.remote() for pool in pools], timeout=timeout_s)
+    except Exception as exc:  # an unreachable pool must not keep the rest from stopping
+        problems.append(f"draining pools: {exc}")
+    if DIRECTORY_NAME not in names:
+        return problems
+    ids: list[str] = _get(directory().ids.remote())
+    for sandbox_id in ids:
+        try:
+            stop_sandbox(sandbox_id)
+        except Exception as exc:
+            problems.append(f"stopping {sandbox_id}: {exc}")
+    return problems

@@ -46,3 +46,12 @@ def start_ray() -> None:
     ray.init(
         address="local", num_cpus=8, include_dashboard=False, namespace="cave", log_to_driver=False
     )
+
+
+def stop_ray() -> None:
+    import ray
+
+    from actors.sandboxes import stop_all
+
+    stop_all()  # the pool's spares release their cgroups and directories
+    ray.shutdown()

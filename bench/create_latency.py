@@ -8,7 +8,7 @@ import time
 import ray
 
 from actors.sandboxes import create_sandbox, stop_sandbox, warm_pool
-from bench.common import bench_settings, percentiles, report, start_ray
+from bench.common import bench_settings, percentiles, report, start_ray, stop_ray
 
 N = int(os.environ.get("CAVE_BENCH_CREATES", "30"))
 
@@ -41,10 +41,10 @@ def main() -> None:
     rows = {
         "create, cold (no pool: worker start)": measure(bench_settings(CAVE_POOL_SIZE="0"), False),
     }
-    ray.shutdown()
+    stop_ray()
     start_ray()
     rows["create, warm pool"] = measure(bench_settings(CAVE_POOL_SIZE="2"), True)
-    ray.shutdown()
+    stop_ray()
     report(rows, baseline="create, cold (no pool: worker start)")
 
 

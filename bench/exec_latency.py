@@ -10,7 +10,7 @@ import subprocess
 from actors.isolation.backend import select_backend
 from actors.isolation.sandbox import Sandbox
 from actors.sandboxes import create_sandbox, stop_sandbox
-from bench.common import bench_settings, report, start_ray, timed
+from bench.common import bench_settings, report, start_ray, stop_ray, timed
 
 N = int(os.environ.get("CAVE_BENCH_N", "200"))
 BWRAP = [
@@ -80,6 +80,7 @@ def main() -> None:
         lambda: list(sandbox.exec_stream(["true"])), N
     )
     stop_sandbox(sandbox.id)
+    stop_ray()
     report(rows, baseline="bwrap --unshare-all true (fresh)" if shutil.which("bwrap") else None)
 
 

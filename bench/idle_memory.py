@@ -6,7 +6,7 @@ import os
 import time
 
 from actors.sandboxes import create_sandbox, stop_sandbox
-from bench.common import bench_settings, start_ray
+from bench.common import bench_settings, start_ray, stop_ray
 
 COUNT = int(os.environ.get("CAVE_BENCH_IDLE", "100"))
 
@@ -36,6 +36,7 @@ def main() -> None:
     )
     for sandbox in sandboxes:
         stop_sandbox(sandbox.id)
+    stop_ray()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from subprocess import DEVNULL, STDOUT
@@ -23,8 +23,7 @@ from typing import IO
 import ray
 from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
-from actors.directory import DIRECTORY_NAME
-from actors.sandboxes import stop_sandbox
+from actors.sandboxes import stop_all
 from actors.warm_pool import NAMESPACE
 from cave.errors import CaveError
 
@@ -310,22 +309,9 @@ def _cmdline(pid: int) -> str:
 
 def _drain_cluster(address: str) -> None:
     ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
-    names = ray.util.list_named_actors()
-    pools = [ray.get_actor(n, namespace=NAMESPACE) for n in names if n.startswith("cave-pool-")]
-    _best_effort(ray.get, [pool.drain.remote() for pool in pools], timeout=DRAIN_TIMEOUT_S / 2)
-    if DIRECTORY_NAME in names:
-        directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
-        ids = _best_effort(ray.get, directory.ids.remote(), timeout=5)
-        for sandbox_id in ids if isinstance(ids, list) else []:
-            _best_effort(stop_sandbox, sandbox_id)
-
-
-def _best_effort(call: Callable[..., object], *args: object, **kwargs: object) -> object:
-    try:
-        return call(*args, **kwargs)
-    except Exception as exc:  # the cluster is about to be killed anyway; note it in the log
-        print(f"cave down: {getattr(call, '__name__', call)}: {exc}", file=sys.stderr)
-        return None
+    for problem in stop_all(timeout_s=DRAIN_TIMEOUT_S / 2):
+        # The cluster is about to be killed anyway; note it in the log.
+        print(f"cave down: {problem}", file=sys.stderr)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["drain"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def ray_cluster(cave_state_dir: Path) -> Iterator[None]:
     import ray
 
     # address="local": never attach to a `cave up` cluster that may run on this machine.
@@ -18,7 +19,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         address="local", num_cpus=8, include_dashboard=False, namespace="cave", log_to_driver=False
     )
     yield
+    from actors.sandboxes import stop_all
+
+    stop_all()  # spares and sandboxes release their cgroups and directories before Ray goes
     ray.shutdown()
+    shutil.rmtree(cave_state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
