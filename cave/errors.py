@@ -9,6 +9,7 @@ CaveError
  ├─ QuotaExceededError ── CapacityError
  ├─ AuthError ── TokenExpiredError, TokenRevokedError, NamespaceMismatchError
  ├─ SandboxError ── SandboxTimeoutError, IsolationUnavailableError
+ ├─ DatabaseUnavailableError         (the database went away: the API answers 503)
  └─ InferenceUnavailableError
 ```
 
@@ -114,6 +115,12 @@ class IsolationUnavailableError(SandboxError):
     """Neither namespaces nor bubblewrap work here and degraded mode is forbidden."""
 
     code = "isolation_unavailable"
+
+
+class DatabaseUnavailableError(CaveError):
+    """The database cannot be reached or failed mid-transaction; nothing was half written."""
+
+    code = "database_unavailable"
 
 
 class InferenceUnavailableError(CaveError):
