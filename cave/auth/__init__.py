@@ -1,0 +1,1 @@
+"""API keys, webhook signatures and secret encryption: the pieces of CAVE's access control."""
