@@ -1,0 +1,278 @@
+"""KeyService: create, list (masked), revoke, rotate (with an outbox event), authenticate keys."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cave.auth import api_keys
+from cave.auth.settings import AuthSettings
+from cave.db import ApiKeyRow, Database, KeyRotationEventRow, OutboxRow, new_id, utcnow
+from cave.errors import AuthError, ConflictError, InvalidArgumentError, NotFoundError
+
+KINDS = ("admin", "namespace")
+SCOPES = frozenset(
+    {"sandboxes:read", "sandboxes:write", "keys:read", "keys:write", "llm:request", "audit:read"}
+)
+ROTATED_TOPIC = "key.rotated"
+CACHE_TTL_S = 5.0  # how long another process's revocation may take to reach this one
+
+
+class ForbiddenError(AuthError):
+    """Authenticated, but the key lacks the scope (the API answers 403)."""
+
+    code = "forbidden"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for."""
+
+    key_id: str
+    kind: str
+    namespace_id: str | None
+    scopes: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "admin"
+
+    def require(self, scope: str) -> None:
+        if not self.is_admin and scope not in self.scopes:
+            raise ForbiddenError(f"key {self.key_id} lacks the scope {scope!r}")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as lists show it: never its secret."""
+
+    id: str
+    masked: str
+    kind: str
+    namespace_id: str | None
+    scopes: tuple[str, ...]
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    grace_until: datetime | None
+    last_used_at: datetime | None
+    rotated_from_id: str | None
+
+    @classmethod
+    def of(cls, row: ApiKeyRow) -> KeyInfo:
+        return cls(
+            row.id,
+            api_keys.mask(row.id),
+            row.kind,
+            row.namespace_id,
+            tuple(row.scopes),
+            row.name,
+            row.created_at,
+            row.expires_at,
+            row.revoked_at,
+            row.grace_until,
+            row.last_used_at,
+            row.rotated_from_id,
+        )
+
+
+@dataclass
+class _Cached:
+    secret_hash: str
+    principal: Principal
+    not_after: datetime | None  # expiry or end of rotation grace, whichever is first
+    loaded: float
+
+
+@dataclass
+class KeyService:
+    db: Database
+    settings: AuthSettings
+    _cache: dict[str, _Cached] = field(default_factory=dict)
+    _used: dict[str, datetime] = field(default_factory=dict)
+
+    async def create(
+        self,
+        kind: str,
+        namespace_id: str | None,
+        scopes: list[str],
+        name: str = "",
+        ttl_s: float | None = None,
+    ) -> tuple[KeyInfo, str]:
+        """A new key and its plaintext, which is shown this once and never stored."""
+        _check_new_key(kind, namespace_id, scopes, ttl_s)
+        async with self.db.admin_session() as session:
+            row, plaintext = self._new_row(kind, namespace_id, scopes, name, ttl_s)
+            session.add(row)
+        return KeyInfo.of(row), plaintext
+
+    def _new_row(
+        self, kind: str, namespace_id: str | None, scopes: list[str], name: str, ttl_s: float | None
+    ) -> tuple[ApiKeyRow, str]:
+        issued = api_keys.new_key(self.settings.key_pepper)
+        expires = utcnow() + timedelta(seconds=ttl_s) if ttl_s else None
+        row = ApiKeyRow(
+            id=issued.key_id,
+            kind=kind,
+            namespace_id=namespace_id,
+            prefix=f"{api_keys.PREFIX}{issued.key_id}",
+            secret_hash=issued.secret_hash,
+            scopes=sorted(set(scopes)),
+            name=name,
+            expires_at=expires,
+        )
+        return row, issued.plaintext
+
+    async def list(self, namespace_id: str | None = None) -> list[KeyInfo]:
+        """Keys of one namespace, or all keys (admin) when namespace_id is None."""
+        session_of = (
+            self.db.admin_session()
+            if namespace_id is None
+            else self.db.namespace_session(namespace_id)
+        )
+        async with session_of as session:
+            rows = (await session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))).all()
+        return [KeyInfo.of(row) for row in rows]
+
+    async def revoke(self, key_id: str, namespace_id: str | None = None) -> KeyInfo:
+        async with self._scoped(namespace_id) as session:
+            row = await _get(session, key_id)
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+        self._cache.pop(key_id, None)  # at once in this process, within CACHE_TTL_S elsewhere
+        return KeyInfo.of(row)
+
+    async def rotate(
+        self, key_id: str, namespace_id: str | None = None, grace_s: float | None = None
+    ) -> tuple[KeyInfo, str]:
+        """A successor key; the old one works for the grace period. One transaction writes the
+        new key, the old key's grace, the rotation event and its outbox message; of two
+        concurrent rotations of one key exactly one wins, the other gets a ConflictError."""
+        grace = self.settings.rotation_grace_s if grace_s is None else grace_s
+        if grace < 0:
+            raise InvalidArgumentError(f"grace_s must be >= 0, got {grace}")
+        async with self._scoped(namespace_id) as session:
+            old = await _get(session, key_id)
+            until = utcnow() + timedelta(seconds=grace)
+            claimed = await session.execute(
+                update(ApiKeyRow)
+                .where(
+                    ApiKeyRow.id == key_id,
+                    ApiKeyRow.grace_until.is_(None),
+                    ApiKeyRow.revoked_at.is_(None),
+                )
+                .values(grace_until=until)
+                .execution_options(synchronize_session=False)
+            )
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                raise ConflictError(f"key {key_id} is already rotated or revoked")
+            row, plaintext = self._new_row(
+                old.kind, old.namespace_id, list(old.scopes), old.name, None
+            )
+            row.rotated_from_id = key_id
+            row.expires_at = old.expires_at
+            session.add(row)
+            await session.flush()
+            session.add(
+                KeyRotationEventRow(
+                    key_id=key_id,
+                    new_key_id=row.id,
+                    namespace_id=old.namespace_id,
+                    grace_until=until,
+                )
+            )
+            session.add(_rotation_message(key_id, row.id, old.namespace_id, until))
+        self._cache.pop(key_id, None)
+        return KeyInfo.of(row), plaintext
+
+    def _scoped(self, namespace_id: str | None):  # type: ignore[no-untyped-def]
+        return (
+            self.db.admin_session()
+            if namespace_id is None
+            else self.db.namespace_session(namespace_id)
+        )
+
+    async def authenticate(self, plaintext: str) -> Principal:
+        """The principal of a valid key; AuthError with one vague message for every failure."""
+        key_id, secret = api_keys.parse(plaintext)
+        cached = self._cache.get(key_id)
+        if cached is None or time.monotonic() - cached.loaded > CACHE_TTL_S:
+            cached = await self._load(key_id)
+        if not api_keys.secret_matches(secret, cached.secret_hash, self.settings.key_pepper):
+            raise AuthError("invalid API key")
+        now = utcnow()
+        if cached.not_after is not None and now >= cached.not_after:
+            raise AuthError("invalid API key")
+        self._used[key_id] = now  # written in batches by flush_last_used, not per request
+        return cached.principal
+
+    async def _load(self, key_id: str) -> _Cached:
+        async with self.db.admin_session() as session:
+            row = await session.get(ApiKeyRow, key_id)
+        if row is None or row.revoked_at is not None:
+            self._cache.pop(key_id, None)
+            raise AuthError("invalid API key")
+        ends = [t for t in (row.expires_at, row.grace_until) if t is not None]
+        principal = Principal(row.id, row.kind, row.namespace_id, frozenset(row.scopes))
+        cached = _Cached(row.secret_hash, principal, min(ends) if ends else None, time.monotonic())
+        self._cache[key_id] = cached
+        return cached
+
+    async def flush_last_used(self) -> int:
+        """Write the last-use times gathered since the previous flush; returns how many."""
+        used, self._used = self._used, {}
+        if not used:
+            return 0
+        async with self.db.admin_session() as session:
+            for key_id, when in used.items():
+                await session.execute(
+                    update(ApiKeyRow)
+                    .where(ApiKeyRow.id == key_id)
+                    .values(last_used_at=when)
+                    .execution_options(synchronize_session=False)
+                )
+        return len(used)
+
+
+async def _get(session: AsyncSession, key_id: str) -> ApiKeyRow:
+    row = (await session.scalars(select(ApiKeyRow).where(ApiKeyRow.id == key_id))).first()
+    if row is None:
+        raise NotFoundError(f"no API key {key_id!r}")
+    return row
+
+
+def _check_new_key(
+    kind: str, namespace_id: str | None, scopes: list[str], ttl_s: float | None
+) -> None:
+    if kind not in KINDS:
+        raise InvalidArgumentError(f"kind must be one of {KINDS}, got {kind!r}")
+    if (kind == "namespace") != (namespace_id is not None):
+        raise InvalidArgumentError("a namespace key needs a namespace; an admin key has none")
+    unknown = sorted(set(scopes) - SCOPES)
+    if unknown:
+        raise InvalidArgumentError(f"unknown scopes {unknown}; known: {sorted(SCOPES)}")
+    if ttl_s is not None and ttl_s <= 0:
+        raise InvalidArgumentError(f"ttl_s must be > 0, got {ttl_s}")
+
+
+def _rotation_message(
+    key_id: str, new_key_id: str, namespace_id: str | None, until: datetime
+) -> OutboxRow:
+    event_id = new_id()
+    return OutboxRow(
+        event_id=event_id,
+        topic=ROTATED_TOPIC,
+        payload={
+            "event_id": event_id,
+            "type": ROTATED_TOPIC,
+            "key_id": key_id,
+            "new_key_id": new_key_id,
+            "namespace_id": namespace_id,
+            "grace_until": until.isoformat(),
+        },
+    )
