@@ -54,7 +54,7 @@ class OutboxDispatcher:
     async def _claim_due(self) -> list[OutboxRow]:
         now = utcnow()
         claimed = []
-        async with self.db.session() as session:
+        async with self.db.admin_session() as session:
             due = (
                 await session.scalars(
                     select(OutboxRow)
@@ -101,7 +101,7 @@ class OutboxDispatcher:
             log.warning(
                 "webhook %s not delivered (attempt %d): %s", row.event_id, row.attempts + 1, error
             )
-        async with self.db.session() as session:
+        async with self.db.admin_session() as session:
             await session.execute(
                 update(OutboxRow)
                 .where(OutboxRow.id == row.id)

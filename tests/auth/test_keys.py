@@ -1,0 +1,174 @@
+"""API keys on SQLite and PostgreSQL: issue, authenticate, scope, revoke, rotate, race."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import select
+
+from cave.auth.keys import ForbiddenError, KeyService
+from cave.auth.settings import AuthSettings
+from cave.db import ApiKeyRow, Database, KeyRotationEventRow, NamespaceRow, OutboxRow
+from cave.errors import AuthError, ConflictError, InvalidArgumentError, NotFoundError
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def keys(db: Database, auth_settings: AuthSettings) -> KeyService:
+    async with db.admin_session() as session:
+        session.add_all([NamespaceRow(id="ns-a", name="a"), NamespaceRow(id="ns-b", name="b")])
+    return KeyService(db, auth_settings)
+
+
+async def test_a_key_authenticates_with_its_scopes_and_only_its_hash_is_stored(
+    keys: KeyService, db: Database
+) -> None:
+    info, plaintext = await keys.create("namespace", "ns-a", ["sandboxes:read"], name="ci")
+    principal = await keys.authenticate(plaintext)
+    assert (principal.namespace_id, principal.kind) == ("ns-a", "namespace")
+    principal.require("sandboxes:read")
+    with pytest.raises(ForbiddenError):
+        principal.require("sandboxes:write")
+    async with db.admin_session() as session:
+        row = await session.get(ApiKeyRow, info.id)
+    assert row is not None and plaintext.split("_")[-1] not in row.secret_hash
+    assert info.masked.endswith("_****") and plaintext not in repr(info)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda k: k[:-1] + ("A" if k[-1] != "A" else "B"),
+        lambda k: k.replace("cave_live_", "cave_test_"),
+        lambda k: "",
+        lambda k: k + "x",
+    ],
+    ids=["wrong-secret", "wrong-prefix", "empty", "too-long"],
+)
+async def test_a_wrong_key_is_refused_without_detail(keys: KeyService, mangle) -> None:  # type: ignore[no-untyped-def]
+    _, plaintext = await keys.create("admin", None, [])
+    with pytest.raises(AuthError) as caught:
+        await keys.authenticate(mangle(plaintext))
+    assert str(caught.value) in ("invalid API key", "malformed API key")
+
+
+async def test_an_unknown_key_id_is_refused(keys: KeyService) -> None:
+    _, plaintext = await keys.create("admin", None, [])
+    other = plaintext.replace(plaintext[10:22], "abcdefghijkl")
+    with pytest.raises(AuthError, match="invalid API key"):
+        await keys.authenticate(other)
+
+
+async def test_revocation_takes_effect_at_once(keys: KeyService) -> None:
+    info, plaintext = await keys.create("namespace", "ns-a", ["sandboxes:read"])
+    await keys.authenticate(plaintext)  # now cached
+    await keys.revoke(info.id)
+    with pytest.raises(AuthError):
+        await keys.authenticate(plaintext)
+
+
+async def test_an_expired_key_is_refused(keys: KeyService, db: Database) -> None:
+    info, plaintext = await keys.create("namespace", "ns-a", [], ttl_s=3600)
+    async with db.admin_session() as session:
+        row = await session.get(ApiKeyRow, info.id)
+        assert row is not None
+        row.expires_at = row.created_at
+    with pytest.raises(AuthError):
+        await keys.authenticate(plaintext)
+
+
+async def test_namespace_listing_is_masked_and_scoped(keys: KeyService) -> None:
+    await keys.create("namespace", "ns-a", ["sandboxes:read"])
+    await keys.create("namespace", "ns-b", ["sandboxes:read"])
+    await keys.create("admin", None, [])
+    listed = await keys.list("ns-a")
+    assert [k.namespace_id for k in listed] == ["ns-a"]
+    assert len(await keys.list()) == 3
+    with pytest.raises(NotFoundError):  # another namespace's key does not exist for ns-b
+        await keys.revoke(listed[0].id, namespace_id="ns-b")
+
+
+@pytest.mark.parametrize(
+    ("kind", "namespace", "scopes", "ttl"),
+    [
+        ("root", None, [], None),
+        ("namespace", None, [], None),
+        ("admin", "ns-a", [], None),
+        ("namespace", "ns-a", ["everything"], None),
+        ("namespace", "ns-a", [], -1),
+    ],
+)
+async def test_bad_key_requests_are_invalid(
+    keys: KeyService, kind: str, namespace: str | None, scopes: list[str], ttl: float | None
+) -> None:
+    with pytest.raises(InvalidArgumentError):
+        await keys.create(kind, namespace, scopes, ttl_s=ttl)
+
+
+async def test_rotation_keeps_the_old_key_for_the_grace_and_writes_one_outbox_event(
+    keys: KeyService, db: Database
+) -> None:
+    old, old_plain = await keys.create("namespace", "ns-a", ["sandboxes:write"])
+    new, new_plain = await keys.rotate(old.id)
+    assert new.rotated_from_id == old.id and new.scopes == old.scopes
+    assert (await keys.authenticate(old_plain)).key_id == old.id  # still inside the grace
+    assert (await keys.authenticate(new_plain)).key_id == new.id
+    async with db.admin_session() as session:
+        events = (await session.scalars(select(KeyRotationEventRow))).all()
+    async with db.admin_session() as session:  # the outbox is the system's, not a namespace's
+        outbox = (await session.scalars(select(OutboxRow))).all()
+    assert [(e.key_id, e.new_key_id) for e in events] == [(old.id, new.id)]
+    assert [(o.topic, o.payload["key_id"]) for o in outbox] == [("key.rotated", old.id)]
+
+
+async def test_after_the_grace_the_old_key_stops_working(
+    db: Database, auth_settings: AuthSettings
+) -> None:
+    keys = KeyService(db, replace(auth_settings, rotation_grace_s=0))
+    old, old_plain = await keys.create("admin", None, [])
+    await keys.rotate(old.id)
+    with pytest.raises(AuthError):
+        await keys.authenticate(old_plain)
+
+
+async def test_concurrent_rotations_of_one_key_one_wins_and_no_key_is_lost(
+    keys: KeyService, db: Database
+) -> None:
+    old, _ = await keys.create("namespace", "ns-a", ["sandboxes:read"])
+    results = await asyncio.gather(*(keys.rotate(old.id) for _ in range(4)), return_exceptions=True)
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    losers = [r for r in results if isinstance(r, BaseException)]
+    assert len(winners) == 1 and all(isinstance(r, ConflictError) for r in losers)
+    async with db.admin_session() as session:
+        rows = (await session.scalars(select(ApiKeyRow))).all()
+    async with db.admin_session() as session:  # the outbox is the system's, not a namespace's
+        outbox = (await session.scalars(select(OutboxRow))).all()
+    assert sorted(r.id for r in rows) == sorted([old.id, winners[0][0].id])
+    assert len(outbox) == 1
+
+
+async def test_last_use_is_recorded_in_batches(keys: KeyService, db: Database) -> None:
+    info, plaintext = await keys.create("admin", None, [])
+    for _ in range(5):
+        await keys.authenticate(plaintext)
+    async with db.admin_session() as session:
+        assert (await session.get(ApiKeyRow, info.id)).last_used_at is None  # type: ignore[union-attr]
+    assert await keys.flush_last_used() == 1
+    assert (await keys.list())[0].last_used_at is not None
+
+
+async def test_a_namespace_rotates_its_own_key_but_not_another_namespaces(
+    keys: KeyService, db: Database
+) -> None:
+    own, _ = await keys.create("namespace", "ns-a", ["keys:write"])
+    other, _ = await keys.create("namespace", "ns-b", ["keys:write"])
+    new, _ = await keys.rotate(own.id, namespace_id="ns-a")
+    assert new.namespace_id == "ns-a"
+    with pytest.raises(NotFoundError):
+        await keys.rotate(other.id, namespace_id="ns-a")
+    async with db.admin_session() as session:
+        outbox = (await session.scalars(select(OutboxRow))).all()
+    assert [o.payload["key_id"] for o in outbox] == [own.id]
