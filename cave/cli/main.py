@@ -11,6 +11,7 @@ from typing import cast
 import ray
 
 from actors.sandboxes import choose_node, directory, warm_pool
+from cave.audit import cli as audit_cli
 from cave.cli import run
 from cave.cli.session import as_cave_error, cave_home, connected
 from cluster.local import (
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="work with sandboxes")
     verbs = sandbox.add_subparsers(metavar="VERB", required=True)
     run.add_arguments(_command(verbs, "run", "run one command in a fresh sandbox", run.run))
+    audit = commands.add_parser("audit", help="check the audit log")
+    audit_verbs = audit.add_subparsers(metavar="VERB", required=True)
+    verify = _command(audit_verbs, "verify", audit_cli.VERIFY_HELP, audit_cli.verify_command)
+    audit_cli.add_verify_arguments(verify)
     return parser
 
 
