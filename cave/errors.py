@@ -10,6 +10,7 @@ CaveError
  ├─ AuthError ── TokenExpiredError, TokenRevokedError, NamespaceMismatchError
  ├─ SandboxError ── SandboxTimeoutError, IsolationUnavailableError
  ├─ DatabaseUnavailableError         (the database went away: the API answers 503)
+ ├─ AuditLogError                    (the audit log cannot be read, continued or written)
  └─ InferenceUnavailableError
 ```
 
@@ -121,6 +122,12 @@ class DatabaseUnavailableError(CaveError):
     """The database cannot be reached or failed mid-transaction; nothing was half written."""
 
     code = "database_unavailable"
+
+
+class AuditLogError(CaveError):
+    """The audit log is unreadable, damaged where it must continue, or failed a write."""
+
+    code = "audit_log"
 
 
 class InferenceUnavailableError(CaveError):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cave.audit import chain
-from cave.errors import CaveError, NotFoundError
+from cave.errors import AuditLogError, NotFoundError
 
 log = logging.getLogger("cave.audit")
 
@@ -91,7 +91,7 @@ def recover(fd: int, path: Path, signer: chain.Signer) -> Tail:
         size = _truncate(fd, path, _line_start(fd, size - 1), "a last line that is not JSON")
         last = _last_record(fd, size)
         if size and last is None:
-            raise CaveError(
+            raise AuditLogError(
                 f"{path}: the log is damaged before its last line; check it with "
                 "`cave audit verify` before appending to it"
             )
@@ -113,7 +113,7 @@ def _rotated_tail(path: Path, signer: chain.Signer) -> Tail:
     finally:
         os.close(fd)
     if last is None:
-        raise CaveError(f"{rotated[-1]}: cannot continue the chain: its last line is damaged")
+        raise AuditLogError(f"{rotated[-1]}: cannot continue the chain: its last line is damaged")
     _warn_if_other_key(last, signer, rotated[-1])
     return Tail(last["seq"], last["mac"])
 

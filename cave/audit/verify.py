@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cave.audit import chain
-from cave.errors import CaveError, NotFoundError
+from cave.errors import AuditLogError, NotFoundError
 
 START = (0, chain.GENESIS)  # (seq, mac) that the first line of a whole log follows
 
@@ -103,6 +103,6 @@ def _lines(path: Path) -> Iterator[bytes]:
     except FileNotFoundError:
         raise NotFoundError(f"{path}: no such audit log file") from None
     except OSError as exc:
-        raise CaveError(f"{path}: cannot read the audit log: {exc.strerror or exc}") from None
+        raise AuditLogError(f"{path}: cannot read the audit log: {exc.strerror or exc}") from None
     with handle:
         yield from handle

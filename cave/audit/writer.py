@@ -19,7 +19,7 @@ from cave.audit import chain, files
 from cave.audit.event import AuditEvent
 from cave.audit.scrub import scrub
 from cave.audit.settings import AuditSettings
-from cave.errors import CaveError, ConfigError, ConflictError
+from cave.errors import AuditLogError, ConfigError, ConflictError
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 _CLOSED = "the audit log writer is closed"
@@ -68,7 +68,7 @@ class _Batch:
 
     def check(self) -> None:
         if self.error is not None:
-            raise CaveError(self.error)
+            raise AuditLogError(self.error)
 
 
 def _settle(futures: list[asyncio.Future[None]]) -> None:
@@ -183,7 +183,7 @@ class AuditLogWriter:
         """Sign and queue the line; `wait(batch)` (unless fsync is "never") how to wait for it."""
         with self._lock:
             if self._error is not None:
-                raise CaveError(self._error)
+                raise AuditLogError(self._error)
             seq = self._seq + 1
             line, mac = self._line(fields, seq, self._prev)  # may refuse the fields
             self._seq, self._prev = seq, mac
