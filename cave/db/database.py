@@ -1,0 +1,143 @@
+"""The Database object: engine, start-up migration and the three kinds of transaction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from types import TracebackType
+from typing import Literal, Self
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from cave.db.errors import reason, translate_errors
+from cave.db.migrate import head_revision, upgrade
+from cave.db.scoping import ADMIN, NOBODY, Scope, ScopedSession, bind_scope
+from cave.db.settings import DatabaseSettings
+from cave.db.sqlite import create_sqlite_engine, startup_lock
+from cave.errors import DatabaseUnavailableError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+# The role without BYPASSRLS that every transaction runs as on PostgreSQL (see the migration).
+APP_ROLE = "cave_app"
+_ENTER_SCOPE = text(
+    "SELECT set_config('cave.namespace', :namespace, true),"
+    " set_config('cave.admin', :admin, true),"
+    f" set_config('role', '{APP_ROLE}', true)"
+)
+
+
+class Database:
+    """The connection pool and its sessions; built once at the entry point and passed down."""
+
+    def __init__(self, engine: AsyncEngine, settings: DatabaseSettings) -> None:
+        """Use `await Database.connect(settings)`, which also migrates."""
+        self._engine = engine
+        self._settings = settings
+        self._postgres = engine.dialect.name == "postgresql"
+        self._sessions = async_sessionmaker(
+            engine, expire_on_commit=False, sync_session_class=ScopedSession
+        )
+
+    @classmethod
+    async def connect(cls, settings: DatabaseSettings) -> Self:
+        """Open the pool, check the server answers, migrate to head; clear errors otherwise."""
+        engine = _create_engine(settings)
+        try:
+            async with _startup_lock(settings):
+                await _probe(engine, settings)
+                with translate_errors():
+                    await upgrade(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        log.info("database ready: %s, schema %s", settings.describe(), head_revision())
+        return cls(engine, settings)
+
+    @property
+    def settings(self) -> DatabaseSettings:
+        return self._settings
+
+    @property
+    def backend(self) -> Literal["postgresql", "sqlite"]:
+        return self._settings.backend
+
+    def session(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One transaction acting for nobody: tables without a namespace only (outbox inserts)."""
+        return self._transaction(NOBODY)
+
+    def admin_session(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One transaction that sees and may change every namespace's rows."""
+        return self._transaction(ADMIN)
+
+    def namespace_session(self, namespace_id: str) -> AbstractAsyncContextManager[AsyncSession]:
+        """One transaction that sees and may change only the rows of `namespace_id`."""
+        if not isinstance(namespace_id, str) or not namespace_id:
+            raise InvalidArgumentError(f"namespace id must be a non-empty string: {namespace_id!r}")
+        return self._transaction(Scope(namespace_id=namespace_id))
+
+    @asynccontextmanager
+    async def _transaction(self, scope: Scope) -> AsyncIterator[AsyncSession]:
+        # Commits once when the block ends, rolls back when anything escapes it.
+        with translate_errors():
+            async with self._sessions() as session:
+                bind_scope(session.sync_session, scope)
+                async with session.begin():
+                    if self._postgres:
+                        await session.execute(_ENTER_SCOPE, _scope_settings(scope))
+                    yield session
+
+    async def close(self) -> None:
+        """Close every pooled connection; the object is unusable afterwards."""
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _scope_settings(scope: Scope) -> dict[str, str]:
+    return {"namespace": scope.namespace_id or "", "admin": "on" if scope.admin else "off"}
+
+
+def _create_engine(settings: DatabaseSettings) -> AsyncEngine:
+    if settings.path is not None:
+        return create_sqlite_engine(settings)
+    return create_async_engine(
+        settings.url(),
+        pool_size=settings.pool_size,
+        pool_pre_ping=True,  # a restarted server leaves dead connections in the pool
+        connect_args={
+            "timeout": settings.connect_timeout_s,
+            "server_settings": {"application_name": "cave"},
+        },
+    )
+
+
+def _startup_lock(settings: DatabaseSettings) -> AbstractAsyncContextManager[None]:
+    # PostgreSQL takes its advisory lock inside the migration transaction.
+    return nullcontext() if settings.path is None else startup_lock(settings.path)
+
+
+async def _probe(engine: AsyncEngine, settings: DatabaseSettings) -> None:
+    try:
+        async with engine.connect():
+            pass
+    except Exception as error:  # refused, timed out, bad credentials: all "cannot connect"
+        raise DatabaseUnavailableError(
+            f"cannot connect to {settings.describe()}: {reason(error)}"
+        ) from None
