@@ -9,6 +9,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cave.audit.event import SYSTEM_ACTOR, AuditEvent
+from cave.audit.trail import AuditTrail
 from cave.auth import api_keys
 from cave.auth.settings import AuthSettings
 from cave.db import ApiKeyRow, Database, KeyRotationEventRow, OutboxRow, new_id, utcnow
@@ -93,6 +95,7 @@ class _Cached:
 class KeyService:
     db: Database
     settings: AuthSettings
+    audit: AuditTrail | None = None
     _cache: dict[str, _Cached] = field(default_factory=dict)
     _used: dict[str, datetime] = field(default_factory=dict)
 
@@ -103,12 +106,14 @@ class KeyService:
         scopes: list[str],
         name: str = "",
         ttl_s: float | None = None,
+        actor: str = SYSTEM_ACTOR,
     ) -> tuple[KeyInfo, str]:
         """A new key and its plaintext, which is shown this once and never stored."""
         _check_new_key(kind, namespace_id, scopes, ttl_s)
         async with self.db.admin_session() as session:
             row, plaintext = self._new_row(kind, namespace_id, scopes, name, ttl_s)
             session.add(row)
+        await self._record(actor, "key.create", row, {"kind": kind, "scopes": row.scopes})
         return KeyInfo.of(row), plaintext
 
     def _new_row(
@@ -139,16 +144,23 @@ class KeyService:
             rows = (await session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))).all()
         return [KeyInfo.of(row) for row in rows]
 
-    async def revoke(self, key_id: str, namespace_id: str | None = None) -> KeyInfo:
+    async def revoke(
+        self, key_id: str, namespace_id: str | None = None, actor: str = SYSTEM_ACTOR
+    ) -> KeyInfo:
         async with self._scoped(namespace_id) as session:
             row = await _get(session, key_id)
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
         self._cache.pop(key_id, None)  # at once in this process, within CACHE_TTL_S elsewhere
+        await self._record(actor, "key.revoke", row, {})
         return KeyInfo.of(row)
 
     async def rotate(
-        self, key_id: str, namespace_id: str | None = None, grace_s: float | None = None
+        self,
+        key_id: str,
+        namespace_id: str | None = None,
+        grace_s: float | None = None,
+        actor: str = SYSTEM_ACTOR,
     ) -> tuple[KeyInfo, str]:
         """A successor key; the old one works for the grace period. One transaction writes the
         new key, the old key's grace, the rotation event and its outbox message; of two
@@ -188,7 +200,18 @@ class KeyService:
             )
             session.add(_rotation_message(key_id, row.id, old.namespace_id, until))
         self._cache.pop(key_id, None)
+        await self._record(
+            actor, "key.rotate", old, {"new_key_id": row.id, "grace_until": until.isoformat()}
+        )
         return KeyInfo.of(row), plaintext
+
+    async def _record(
+        self, actor: str, action: str, row: ApiKeyRow, details: dict[str, object]
+    ) -> None:
+        if self.audit is not None:
+            await self.audit.record(
+                AuditEvent(actor, action, row.id, namespace=row.namespace_id, details=details)
+            )
 
     def _scoped(self, namespace_id: str | None):  # type: ignore[no-untyped-def]
         return (
