@@ -109,12 +109,28 @@ class KeyService:
         actor: str = SYSTEM_ACTOR,
     ) -> tuple[KeyInfo, str]:
         """A new key and its plaintext, which is shown this once and never stored."""
-        _check_new_key(kind, namespace_id, scopes, ttl_s)
         async with self.db.admin_session() as session:
-            row, plaintext = self._new_row(kind, namespace_id, scopes, name, ttl_s)
-            session.add(row)
-        await self._record(actor, "key.create", row, {"kind": kind, "scopes": row.scopes})
+            row, plaintext = self.add_key(session, kind, namespace_id, scopes, name, ttl_s)
+        await self.record_created(row, actor)
         return KeyInfo.of(row), plaintext
+
+    def add_key(
+        self,
+        session: AsyncSession,
+        kind: str,
+        namespace_id: str | None,
+        scopes: list[str],
+        name: str = "",
+        ttl_s: float | None = None,
+    ) -> tuple[ApiKeyRow, str]:
+        """Add a new key to the caller's transaction (which commits it); then `record_created`."""
+        _check_new_key(kind, namespace_id, scopes, ttl_s)
+        row, plaintext = self._new_row(kind, namespace_id, scopes, name, ttl_s)
+        session.add(row)
+        return row, plaintext
+
+    async def record_created(self, row: ApiKeyRow, actor: str = SYSTEM_ACTOR) -> None:
+        await self._record(actor, "key.create", row, {"kind": row.kind, "scopes": row.scopes})
 
     def _new_row(
         self, kind: str, namespace_id: str | None, scopes: list[str], name: str, ttl_s: float | None

@@ -76,6 +76,10 @@ class SandboxRow(NamespaceOwned, Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     stopped_at: Mapped[datetime | None]
+    # The sandbox's own API key: its id, and its plaintext sealed with CAVE_SECRET_KEY (AES-GCM,
+    # bound to this row's id). No foreign key: keys are revoked, never deleted.
+    api_key_id: Mapped[str | None] = mapped_column(Id)
+    sealed_api_key: Mapped[str | None] = mapped_column(Text)
 
 
 class ExecutionRow(NamespaceOwned, Base):
