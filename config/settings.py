@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Self, get_args
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from cave.env import parse_bool
 from cave.errors import ConfigError, InvalidArgumentError, LimitExceededError
 
 DEFAULT_TOML_PATH = Path(__file__).parent / "sandbox_config.toml"
@@ -150,15 +151,6 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-def _boolean(raw: str) -> bool:
-    word = raw.strip().lower()
-    if word in ("true", "1", "yes"):
-        return True
-    if word in ("false", "0", "no"):
-        return False
-    raise ValueError("expected true/false, 1/0 or yes/no")
-
-
 def _backend(raw: str) -> str:
     word = raw.strip().lower()
     if word not in get_args(Backend):
@@ -182,7 +174,7 @@ ENV_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "CAVE_ISOLATION_BACKEND": ("isolation", "backend", _backend),
     "CAVE_BWRAP_PATH": ("isolation", "bwrap_path", str),
     "CAVE_CGROUP_ROOT": ("isolation", "cgroup_root", str),
-    "CAVE_ISOLATION_NO_FALLBACK": ("isolation", "no_fallback", _boolean),
+    "CAVE_ISOLATION_NO_FALLBACK": ("isolation", "no_fallback", parse_bool),
     "CAVE_STATE_DIR": ("isolation", "state_dir", str),
     "CAVE_ROOTFS": ("isolation", "rootfs", str),
     "CAVE_SANDBOX_UID": ("isolation", "sandbox_uid", _positive_int),

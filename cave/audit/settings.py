@@ -13,6 +13,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, SecretBytes, ValidationError, field_validator
 
+from cave.env import parse_bool
 from cave.errors import ConfigError
 
 log = logging.getLogger("cave.audit")
@@ -77,15 +78,6 @@ def key_from_env(env: Mapping[str, str] | None = None) -> bytes:
     return decode_hmac_key(raw)
 
 
-def _boolean(raw: str) -> bool:
-    word = raw.strip().lower()
-    if word in ("true", "1", "yes"):
-        return True
-    if word in ("false", "0", "no"):
-        return False
-    raise ValueError("expected true/false, 1/0 or yes/no")
-
-
 def _integer(minimum: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -114,12 +106,12 @@ def _path(raw: str) -> Path:
 
 # variable -> (field, parser); the key is read apart because it is a secret.
 ENV_VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
-    "CAVE_AUDIT_LOG_ENABLED": ("enabled", _boolean),
+    "CAVE_AUDIT_LOG_ENABLED": ("enabled", parse_bool),
     "CAVE_AUDIT_LOG_PATH": ("path", _path),
     "CAVE_AUDIT_LOG_MAX_BYTES": ("max_bytes", _integer(1)),
     "CAVE_AUDIT_LOG_FSYNC": ("fsync", _policy),
     "CAVE_AUDIT_LOG_FSYNC_INTERVAL_MS": ("fsync_interval_ms", _integer(0)),
-    "BKG_SCRUB_LOGS": ("scrub", _boolean),
+    "BKG_SCRUB_LOGS": ("scrub", parse_bool),
 }
 
 
