@@ -13,6 +13,7 @@ the sandbox (the kernel ends a pid namespace with its init).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -87,11 +88,34 @@ def command(
         *extra,
         *root_mounts(spec),
         *dirs,
-        *("--ro-bind", str(ISOLATION_SOURCE), f"{CAVE_DIR}/actors/isolation"),
+        *("--ro-bind", str(zygote_source(spec)), f"{CAVE_DIR}/actors/isolation"),
         *("--ro-bind", helper, HELPER_PATH),
         *("--remount-ro", "/", "--chdir", "/"),
         *("--", python, "-I", "-S", "-B", "-c", BOOTSTRAP, *zygote_args),
     ]
+
+
+def zygote_source(spec: RootfsSpec) -> Path:
+    """A copy of this package under the state dir, once per node and version of the code.
+
+    bwrap runs as the sandbox uid, which may not reach the checkout (a clone under /root, say);
+    the state dir is made for it.
+    """
+    sources = sorted(ISOLATION_SOURCE.glob("*.py"))
+    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources))
+    target = Path(spec.base).parent / f"zygote-{digest.hexdigest()[:16]}"
+    if target.is_dir():
+        return target
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    staging.mkdir(mode=0o755)
+    for source in sources:
+        shutil.copyfile(source, staging / source.name)
+        (staging / source.name).chmod(0o644)
+    try:
+        staging.rename(target)
+    except OSError:  # another process on this node made the same copy first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def root_mounts(spec: RootfsSpec) -> list[str]:
