@@ -21,7 +21,14 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from cave.db import Database, DatabaseSettings, load_database_settings
+from cave.db import (
+    ApiKeyRow,
+    Database,
+    DatabaseSettings,
+    NamespaceRow,
+    SandboxRow,
+    load_database_settings,
+)
 
 MAINTENANCE_DSN = os.environ.get("CAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
@@ -136,3 +143,18 @@ async def db(target: Target) -> AsyncIterator[Database]:
     database = await Database.connect(target.settings)
     yield database
     await database.close()
+
+
+@pytest.fixture
+async def two_namespaces(db: Database) -> AsyncIterator[Database]:
+    """ns-a and ns-b with two sandboxes each, and one admin key (no namespace)."""
+    async with db.admin_session() as session:
+        session.add_all([NamespaceRow(id="ns-a", name="a"), NamespaceRow(id="ns-b", name="b")])
+        await session.flush()
+        session.add_all(
+            SandboxRow(id=f"{ns}-{i}", namespace_id=ns, name=f"{ns}-{i}", state="running")
+            for ns in ("ns-a", "ns-b")
+            for i in (1, 2)
+        )
+        session.add(ApiKeyRow(kind="admin", prefix="cave_admin_1", secret_hash="h"))
+    yield db

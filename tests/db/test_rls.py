@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import ProgrammingError
 
-from cave.db import AuditEventRow, Database, NamespaceRow, SandboxRow
+from cave.db import AuditEventRow, Database, NamespaceRow
 from cave.errors import DatabaseUnavailableError, NamespaceMismatchError
 from tests.db.conftest import Target, pg_execute
 
@@ -18,19 +16,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def backend() -> str:
     return "postgresql"
-
-
-@pytest.fixture
-async def two_namespaces(db: Database) -> AsyncIterator[Database]:
-    async with db.admin_session() as session:
-        session.add_all([NamespaceRow(id="ns-a", name="a"), NamespaceRow(id="ns-b", name="b")])
-        await session.flush()
-        session.add_all(
-            SandboxRow(id=f"{ns}-{i}", namespace_id=ns, name=f"{ns}-{i}", state="running")
-            for ns in ("ns-a", "ns-b")
-            for i in (1, 2)
-        )
-    yield db
 
 
 async def test_hand_written_sql_cannot_escape_the_namespace(

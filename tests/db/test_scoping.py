@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import func, select, update
 
@@ -19,21 +17,6 @@ from cave.db import (
 from cave.errors import NamespaceMismatchError
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def two_namespaces(db: Database) -> AsyncIterator[Database]:
-    """ns-a and ns-b with two sandboxes each, and one admin key (no namespace)."""
-    async with db.admin_session() as session:
-        session.add_all([NamespaceRow(id="ns-a", name="a"), NamespaceRow(id="ns-b", name="b")])
-        await session.flush()
-        session.add_all(
-            SandboxRow(id=f"{ns}-{i}", namespace_id=ns, name=f"{ns}-{i}", state="running")
-            for ns in ("ns-a", "ns-b")
-            for i in (1, 2)
-        )
-        session.add(ApiKeyRow(kind="admin", prefix="cave_admin_1", secret_hash="h"))
-    yield db
 
 
 async def test_a_namespace_session_reads_only_its_rows(two_namespaces: Database) -> None:
