@@ -69,6 +69,10 @@ def check_request(req: ExecRequest) -> None:
         raise InvalidArgumentError("argv must be a non-empty list of strings without NUL bytes")
     if not req.argv[0]:
         raise InvalidArgumentError("argv[0] must not be empty")
+    if req.stdin is not None and not isinstance(req.stdin, bytes):
+        raise InvalidArgumentError(f"stdin must be bytes, got {type(req.stdin).__name__}")
+    if not isinstance(req.env, dict):
+        raise InvalidArgumentError("env must be a mapping of strings to strings")
     if req.cwd is not None and (not isinstance(req.cwd, str) or "\0" in req.cwd):
         raise InvalidArgumentError("cwd must be a path string without NUL bytes")
     for key, value in req.env.items():

@@ -199,7 +199,9 @@ class Sandbox:
         channel = self._require_channel()
         assert self.limits is not None
         timeout = self.limits.timeout_s if timeout_s is None else timeout_s
-        if timeout <= 0 or timeout > self.limits.timeout_s:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise InvalidArgumentError(f"timeout_s must be a number of seconds, got {timeout!r}")
+        if not 0 < timeout <= self.limits.timeout_s:  # NaN fails this too
             raise InvalidArgumentError(
                 f"timeout_s must be in (0, {self.limits.timeout_s}], got {timeout}"
             )

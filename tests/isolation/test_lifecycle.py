@@ -81,6 +81,7 @@ MALFORMED_EXECS = {
     "nul-in-env-value": (["true"], {"A": "x\0y"}),
     "equals-in-env-name": (["true"], {"A=B": "c"}),
     "non-string-env-value": (["true"], {"A": 1}),
+    "env-not-a-mapping": (["true"], [("A", "b")]),
 }
 
 
@@ -95,12 +96,20 @@ async def test_malformed_exec_is_refused_without_killing_the_sandbox(
         await assert_still_works(sandbox)
 
 
-@pytest.mark.parametrize("timeout_s", [LIMITS.timeout_s + 1, 0, -1])
+@pytest.mark.parametrize("timeout_s", [LIMITS.timeout_s + 1, 0, -1, float("nan"), "5", True])
 @async_test
-async def test_timeout_outside_the_limit_is_invalid(backend: Backend, timeout_s: float) -> None:
+async def test_timeout_outside_the_limit_is_invalid(backend: Backend, timeout_s: Any) -> None:
     async with open_sandbox(backend) as sandbox:
         with pytest.raises(InvalidArgumentError):
             await run(sandbox, ["echo", "x"], timeout_s=timeout_s)
+        await assert_still_works(sandbox)
+
+
+@async_test
+async def test_stdin_must_be_bytes(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        with pytest.raises(InvalidArgumentError, match="stdin must be bytes"):
+            await run(sandbox, ["cat"], stdin="text")
         await assert_still_works(sandbox)
 
 
