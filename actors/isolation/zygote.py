@@ -67,6 +67,9 @@ class Zygote:
         except ValueError:  # truncated or not JSON: the host checks sizes, so drop it and go on
             return
         if message is None:  # the host side is gone: end the sandbox with it
+            for run in self.running.values():
+                # In a pid namespace our exit kills everything anyway; degraded, only this does.
+                _kill(run.pid, self.isolated)
             os._exit(0)
         op = message.get("op")
         if op == "exec":

@@ -245,7 +245,11 @@ async def test_degraded_backend_still_runs_commands(backend: Backend) -> None:
     assert (degraded.name, degraded.isolated) == ("none", False)
     async with open_sandbox(degraded) as sandbox:
         out, err, result = await run(sandbox, ["echo", "ok"])
-    assert (out, result.exit_code) == (b"ok\n", 0), err
+        assert (out, result.exit_code) == (b"ok\n", 0), err
+        pause = unique_sleep()  # degraded kills by process group: a timeout still ends it all
+        _, _, result = await run(sandbox, f"sleep {pause} & sleep {pause}", timeout_s=1)
+        assert result.timed_out and result.exit_code == 124
+        await poll_until(lambda: not host_pids_with_cmdline(["sleep", pause]), "sleeps gone")
 
 
 def test_degraded_backend_refused_when_fallback_is_forbidden(backend: Backend) -> None:
@@ -271,3 +275,60 @@ async def test_a_prepared_sandbox_takes_the_limits_given_at_start(backend: Backe
         assert sandbox.limits is not None and sandbox.limits.pids == 32
     finally:
         await sandbox.stop()
+
+
+_CRASHING_HOST = """
+import asyncio, json, sys
+from actors.isolation.backend import select_backend
+from actors.isolation.sandbox import Sandbox
+from config.settings import SandboxLimits, load_settings
+
+async def main():
+    env, limits, script = json.loads(sys.argv[1])
+    sandbox = Sandbox(select_backend(load_settings(env=env).isolation))
+    await sandbox.start(SandboxLimits(**limits))
+    async for _ in sandbox.exec(["sh", "-c", script]):
+        pass
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["none", "builtin"])
+def test_a_host_process_killed_mid_exec_leaves_no_process(backend: Backend, mode: str) -> None:
+    """The host side dies without stop(): its zygote sees the socket close and ends the execs."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    pause = unique_sleep()
+    env = isolation_env(CAVE_ISOLATION_BACKEND=mode)
+    host = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _CRASHING_HOST,
+            json.dumps([env, LIMITS.model_dump(), f"sleep {pause} & sleep {pause}"]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        asyncio.run(
+            poll_until(
+                lambda: len(host_pids_with_cmdline(["sleep", pause])) == 2,
+                "the exec started",
+                timeout_s=60,
+            )
+        )
+    finally:
+        host.send_signal(signal.SIGKILL)
+        host.wait()
+    asyncio.run(
+        poll_until(
+            lambda: not host_pids_with_cmdline(["sleep", pause]),
+            "no process of the exec is left",
+            timeout_s=30,
+        )
+    )

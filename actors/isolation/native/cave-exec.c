@@ -88,7 +88,9 @@ static void namespace_init(int bpf_fd, const char *cwd, char **argv, int parent_
     pid_t command = fork();
     if (command < 0) die(126, "fork", NULL);
     if (command == 0) {
-        setsid(); /* no controlling terminal: TIOCSTI has nothing to inject into */
+        /* Isolated: a new session, so no controlling terminal for TIOCSTI. Degraded: stay in the
+         * process group the zygote made, the only handle it has to kill the exec's processes. */
+        if (parent_alive_fd >= 0) setsid();
         run_command(bpf_fd, cwd, argv);
     }
     for (;;) {
