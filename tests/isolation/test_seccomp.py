@@ -102,6 +102,7 @@ def call(nr, *args):
 # fd the call returned. "PTY" is the probe's controlling terminal (cave-exec made it a session
 # leader), "BUF" a zeroed 256-byte buffer (empty strings, zeroed structs).
 _BATCH = """
+os.setsid()  # cave-exec leaves a degraded (ISOLATED=0) command in its group: lead a session here
 pty_master, pty = os.openpty()
 fcntl.ioctl(pty, termios.TIOCSCTTY, 0)
 buf = ctypes.create_string_buffer(256)
