@@ -11,3 +11,11 @@ def parse_bool(raw: str) -> bool:
     if word in ("false", "0", "no"):
         return False
     raise ValueError("expected true/false, 1/0 or yes/no")
+
+
+def parse_choice(raw: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`, in any case; ValueError naming them otherwise."""
+    word = raw.strip().lower()
+    if word not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}")
+    return word

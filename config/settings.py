@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Self, get_args
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from cave.env import parse_bool
+from cave.env import parse_bool, parse_choice
 from cave.errors import ConfigError, InvalidArgumentError, LimitExceededError
 
 DEFAULT_TOML_PATH = Path(__file__).parent / "sandbox_config.toml"
@@ -152,10 +152,7 @@ def _positive_float(raw: str) -> float:
 
 
 def _backend(raw: str) -> str:
-    word = raw.strip().lower()
-    if word not in get_args(Backend):
-        raise ValueError(f"expected one of {', '.join(get_args(Backend))}")
-    return word
+    return parse_choice(raw, get_args(Backend))
 
 
 _LIMIT_PARSERS: dict[str, Callable[[str], object]] = {

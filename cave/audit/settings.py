@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, SecretBytes, ValidationError, field_validator
 
-from cave.env import parse_bool
+from cave.env import parse_bool, parse_choice
 from cave.errors import ConfigError
 
 log = logging.getLogger("cave.audit")
@@ -92,10 +92,7 @@ def _integer(minimum: int) -> Callable[[str], int]:
 
 
 def _policy(raw: str) -> str:
-    word = raw.strip().lower()
-    if word not in get_args(FsyncPolicy):
-        raise ValueError(f"expected one of {', '.join(get_args(FsyncPolicy))}")
-    return word
+    return parse_choice(raw, get_args(FsyncPolicy))
 
 
 def _path(raw: str) -> Path:
