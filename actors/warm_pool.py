@@ -51,7 +51,7 @@ class PoolService:
             actor = self._new_actor()
             await actor.prepare.remote(self.defaults)
             self._ready.put_nowait(actor)
-        except Exception:  # a failed spare is logged; the next acquire starts one itself
+        except Exception:  # a failed spare is logged; the next create starts one itself
             log.exception("cannot prepare a warm sandbox on node %s", self.node_id)
         finally:
             self._filling -= 1
@@ -64,14 +64,8 @@ class PoolService:
         for _ in range(max(0, missing)):
             asyncio.ensure_future(self._prepare_one())
 
-    async def acquire(self) -> ActorHandle:
-        """A prepared actor if one is ready, else a fresh one (cold: pays the worker start)."""
-        try:
-            return await self._take()
-        finally:
-            self._refill_after_reply()
-
     async def _take(self) -> ActorHandle:
+        """A prepared actor if one is ready, else a fresh one (cold: pays the worker start)."""
         try:
             return self._ready.get_nowait()
         except asyncio.QueueEmpty:

@@ -1,4 +1,4 @@
-"""ctypes wrappers for Linux calls the standard library lacks (unshare, mount, clone, openat2)."""
+"""ctypes wrappers for Linux calls the standard library lacks (unshare, mount, openat2, prctl)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,7 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
 SYS_PIVOT_ROOT = 155
-SYS_CLONE = 56
 SYS_OPENAT2 = 437
-SIGCHLD = 17
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
@@ -68,18 +66,6 @@ def umount2(target: str, flags: int) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
-
-
-def fork_into_new_pid_namespace() -> int:
-    """fork() whose child is pid 1 of a new pid namespace; returns the child's pid, 0 in the child.
-
-    A raw clone(CLONE_NEWPID) skips glibc's fork handlers: safe only in a single-threaded process,
-    which the zygote is. It saves the extra fork that unshare(CLONE_NEWPID) would need per exec.
-    """
-    return _check(
-        _libc.syscall(SYS_CLONE, ctypes.c_ulong(CLONE_NEWPID | SIGCHLD), None, None, None, None),
-        "clone(CLONE_NEWPID)",
-    )
 
 
 def set_parent_death_signal(signum: int) -> None:
