@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from actors.isolation import protocol
 from actors.isolation.aio import wait_writable
-from cave.errors import SandboxError
+from cave.errors import InvalidArgumentError, SandboxError
 
 Reply = tuple[protocol.Message, list[int]]
 
@@ -36,6 +36,10 @@ class Channel:
         self._pending[request_id] = future
         return future
 
+    def forget(self, request_id: int) -> None:
+        """Drop the wait for a reply that will not come (its request was never sent)."""
+        self._pending.pop(request_id, None)
+
     async def send(self, message: protocol.Message, fds: list[int] | None = None) -> None:
         if self.closed:
             raise SandboxError("the sandbox process has exited")
@@ -45,6 +49,8 @@ class Channel:
                 return
             except BlockingIOError:
                 await wait_writable(self._sock.fileno())
+            except protocol.MessageTooLargeError as exc:
+                raise InvalidArgumentError(f"the request is too large: {exc}") from None
             except OSError as exc:
                 raise SandboxError(f"the sandbox process is gone: {exc.strerror}") from None
 
@@ -55,7 +61,7 @@ class Channel:
             await self.send({**message, "id": request_id}, fds)
             return await future
         finally:
-            self._pending.pop(request_id, None)
+            self.forget(request_id)
 
     def _readable(self) -> None:
         while True:

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from actors.isolation import protocol
 from actors.isolation.aio import wait_writable
 from actors.isolation.channel import Channel
 from actors.isolation.results import ExecResult, OutputChunk
@@ -64,7 +63,7 @@ class _Stream:
 
 
 def check_request(req: ExecRequest) -> None:
-    """Refuse what posix_spawn or the control socket would choke on, before touching the sandbox."""
+    """Refuse what posix_spawn would choke on, before touching the sandbox (size: at send)."""
     if not req.argv or not all(isinstance(a, str) and "\0" not in a for a in req.argv):
         raise InvalidArgumentError("argv must be a non-empty list of strings without NUL bytes")
     if not req.argv[0]:
@@ -86,23 +85,6 @@ def check_request(req: ExecRequest) -> None:
                 f"bad environment variable {key!r}: names must be "
                 "non-empty without '=', values strings, no NUL bytes"
             )
-    size = len(
-        protocol.encode(
-            {
-                "op": "exec",
-                "argv": req.argv,
-                "env": req.env,
-                "cwd": req.cwd,
-                "timeout_s": req.timeout_s,
-                "id": 0,
-            }
-        )
-    )
-    if size > protocol.MAX_MESSAGE_BYTES - 1024:
-        raise InvalidArgumentError(
-            f"argv and env take {size} bytes; at most "
-            f"{protocol.MAX_MESSAGE_BYTES - 1024} are accepted"
-        )
 
 
 async def run_exec(
@@ -116,18 +98,21 @@ async def run_exec(
     exited = channel.expect(exec_id)
     ooms_before = oom_count()
     started = time.monotonic()
+    message = {
+        "op": "exec",
+        "id": exec_id,
+        "argv": req.argv,
+        "env": req.env,
+        "cwd": req.cwd,
+        "timeout_s": req.timeout_s,
+    }
     try:
-        await channel.send(
-            {
-                "op": "exec",
-                "id": exec_id,
-                "argv": req.argv,
-                "env": req.env,
-                "cwd": req.cwd,
-                "timeout_s": req.timeout_s,
-            },
-            [stdin_r, out_w, err_w],
-        )
+        await channel.send(message, [stdin_r, out_w, err_w])
+    except BaseException:  # never sent (too large, sandbox gone): nothing will answer or read
+        channel.forget(exec_id)
+        for fd in (stdin_w, out_r, err_r):
+            os.close(fd)
+        raise
     finally:
         for fd in (stdin_r, out_w, err_w):
             os.close(fd)

@@ -28,8 +28,14 @@ def encode(message: Message) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
+class MessageTooLargeError(ValueError):
+    """The message would not fit one datagram of the size the zygote reads."""
+
+
 def send(sock: socket.socket, message: Message, fds: list[int] | None = None) -> None:
     data = encode(message)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageTooLargeError(f"{len(data)} bytes, at most {MAX_MESSAGE_BYTES} fit")
     if fds:
         socket.send_fds(sock, [data], fds)
     else:
