@@ -3,13 +3,14 @@
 ```
 CaveError
  ├─ ConfigError                      (start-up: a malformed setting, names the variable)
- ├─ InvalidArgumentError ── LimitExceededError, InvalidPathError
+ ├─ InvalidArgumentError ── LimitExceededError ── PayloadTooLargeError; InvalidPathError
  ├─ NotFoundError ── SandboxNotFoundError
  ├─ ConflictError ── SandboxStateError
  ├─ QuotaExceededError ── CapacityError
  ├─ AuthError ── TokenExpiredError, TokenRevokedError, NamespaceMismatchError
  ├─ SandboxError ── SandboxTimeoutError, IsolationUnavailableError
  ├─ DatabaseUnavailableError         (the database went away: the API answers 503)
+ ├─ ServiceUnavailableError          (a part this request needs is not configured or down)
  ├─ AuditLogError                    (the audit log cannot be read, continued or written)
  └─ InferenceUnavailableError
 ```
@@ -50,6 +51,12 @@ class LimitExceededError(InvalidArgumentError):
     """A requested per-sandbox limit is above the configured maximum."""
 
     code = "limit_exceeded"
+
+
+class PayloadTooLargeError(LimitExceededError):
+    """A request body (a file, stdin) is bigger than the API accepts."""
+
+    code = "payload_too_large"
 
 
 class InvalidPathError(InvalidArgumentError):
@@ -122,6 +129,12 @@ class DatabaseUnavailableError(CaveError):
     """The database cannot be reached or failed mid-transaction; nothing was half written."""
 
     code = "database_unavailable"
+
+
+class ServiceUnavailableError(CaveError):
+    """A part this request needs is not configured or not up (the API answers 503)."""
+
+    code = "unavailable"
 
 
 class AuditLogError(CaveError):

@@ -262,6 +262,11 @@ class KeyService:
         self._cache[key_id] = cached
         return cached
 
+    def forget(self, key_id: str) -> None:
+        """Drop the key from this process's cache: its next use reads the database (a rotation
+        or revocation announced by webhook takes effect at once)."""
+        self._cache.pop(key_id, None)
+
     async def flush_last_used(self) -> int:
         """Write the last-use times gathered since the previous flush; returns how many."""
         used, self._used = self._used, {}

@@ -28,9 +28,11 @@ class AuthSettings:
 
 
 def load_auth_settings(
-    env: Mapping[str, str] | None = None, secrets_dir: Path = DEFAULT_SECRETS_DIR
+    env: Mapping[str, str] | None = None, secrets_dir: Path | None = None
 ) -> AuthSettings:
     env = os.environ if env is None else env
+    # Every process of a deployment must find the same development secrets, whatever its cwd.
+    secrets_dir = secrets_dir or Path(env.get("CAVE_SECRETS_DIR") or DEFAULT_SECRETS_DIR)
     production = env.get("CAVE_ENV", "development").strip().lower() == "production"
     grace = env.get("CAVE_KEY_ROTATION_GRACE_S", "86400")
     try:

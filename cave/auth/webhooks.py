@@ -23,6 +23,12 @@ class WebhookSignatureError(AuthError):
     code = "bad_webhook_signature"
 
 
+class WebhookReplayError(WebhookSignatureError):
+    """An authentic event delivered again: receivers answer 2xx, having handled it already."""
+
+    code = "webhook_replay"
+
+
 def sign(body: bytes, secret: bytes, event_id: str, now: float | None = None) -> dict[str, str]:
     """Headers to send with `body`: `t=<unix seconds>,v1=<hex mac>` and the event id."""
     timestamp = int(time.time() if now is None else now)
@@ -84,7 +90,7 @@ def verify(
     if abs(current - timestamp) > tolerance_s:
         raise WebhookSignatureError(f"timestamp is more than {tolerance_s:.0f} s from now")
     if not guard.first_time(event_id, current):
-        raise WebhookSignatureError(f"event {event_id} was already delivered")
+        raise WebhookReplayError(f"event {event_id} was already delivered")
     return Verified(event_id, timestamp)
 
 

@@ -64,6 +64,7 @@ class SandboxRow(NamespaceOwned, Base):
         Index(None, "namespace_id", "created_at"),
         Index(None, "state"),
         Index(None, "node_id"),
+        Index(None, "state", "expires_at"),
     )
 
     id: Mapped[str] = mapped_column(Id, primary_key=True, default=new_id)
@@ -76,6 +77,12 @@ class SandboxRow(NamespaceOwned, Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     stopped_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # started_at + ttl; the reaper stops it then
+    ttl_s: Mapped[float | None]
+    idle_timeout_s: Mapped[float | None]
+    last_active_at: Mapped[datetime | None]  # written in batches, not per exec
+    failure: Mapped[str | None] = mapped_column(Text)
     # The sandbox's own API key: its id, and its plaintext sealed with CAVE_SECRET_KEY (AES-GCM,
     # bound to this row's id). No foreign key: keys are revoked, never deleted.
     api_key_id: Mapped[str | None] = mapped_column(Id)

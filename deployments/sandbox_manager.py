@@ -1,0 +1,276 @@
+"""SandboxManager: the sandbox lifecycle behind every front end (HTTP, MCP, Ray handles).
+
+Each step checks the caller's scope, keeps the database record and the actor in step, and writes
+an audit event. A namespace key sees only its namespace: another namespace's sandbox is "not found".
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from actors import remote
+from cave.audit.event import AuditEvent, Outcome
+from cave.audit.trail import AuditTrail
+from cave.auth.keys import ForbiddenError, KeyService, Principal
+from cave.auth.sandbox_keys import SANDBOX_SCOPES
+from cave.auth.sealing import seal
+from cave.db import Database, NamespaceRow, SandboxRow, new_id, utcnow
+from cave.errors import (
+    CaveError,
+    ConflictError,
+    InvalidArgumentError,
+    SandboxNotFoundError,
+    SandboxStateError,
+)
+from config.settings import SandboxLimits, Settings, parse_overrides, resolve_limits
+from deployments.sandbox_ops import Live, SandboxOps
+from deployments.sandbox_views import decode_cursor, encode_cursor, sandbox_out
+from deployments.schemas import CreatedSandboxOut, CreateSandboxRequest, SandboxOut, SandboxPage
+
+DEFAULT_NAMESPACE = "default"
+MAX_PAGE = 200
+_STOPPABLE = ("running", "starting")
+_STARTABLE = ("created", "stopped", "failed", "lost")
+
+
+class SandboxManager(SandboxOps):
+    def __init__(
+        self, settings: Settings, db: Database, keys: KeyService, audit: AuditTrail
+    ) -> None:
+        super().__init__(db, audit)
+        self.settings = settings
+        self.keys = keys
+        self._namespaces: set[str] = set()  # known to exist: no insert-if-missing per create
+
+    # -- create, start, stop, delete ---------------------------------------------------------
+
+    async def create(
+        self, principal: Principal, request: CreateSandboxRequest
+    ) -> CreatedSandboxOut:
+        principal.require("sandboxes:write")
+        namespace = self._target_namespace(principal, request.namespace)
+        overrides = parse_overrides(**request.limits.model_dump(exclude_none=True))
+        limits = resolve_limits(overrides, self.settings)  # refused before anything is written
+        await self.ensure_namespace(namespace)
+        row, plaintext = await self._insert(principal, namespace, request, limits)
+        await self._audit(principal, "sandbox.create", row, {"name": row.name})
+        if request.start:
+            row = await self._start(principal, row)
+        return CreatedSandboxOut(**sandbox_out(row).model_dump(), api_key=plaintext)
+
+    async def _insert(
+        self,
+        principal: Principal,
+        namespace: str,
+        request: CreateSandboxRequest,
+        limits: SandboxLimits,
+    ) -> tuple[SandboxRow, str]:
+        """The record and the sandbox's own key, sealed onto it: one transaction, both or none."""
+        sandbox_id = new_id()
+        async with self.db.namespace_session(namespace) as session:
+            key, plaintext = self.keys.add_key(
+                session, "namespace", namespace, SANDBOX_SCOPES, name=f"sandbox {sandbox_id}"
+            )
+            row = SandboxRow(
+                id=sandbox_id,
+                namespace_id=namespace,
+                name=request.name,
+                state="created",
+                limits=limits.model_dump(),
+                labels=dict(request.labels),
+                ttl_s=request.ttl_s,
+                idle_timeout_s=request.idle_timeout_s,
+                api_key_id=key.id,
+                sealed_api_key=seal(self.keys.settings.secret_key, plaintext, context=sandbox_id),
+            )
+            session.add(row)
+        await self.keys.record_created(key, principal.key_id)
+        return row, plaintext
+
+    async def start(self, principal: Principal, sandbox_id: str) -> SandboxOut:
+        principal.require("sandboxes:write")
+        row = await self._load(principal, sandbox_id)
+        if row.state in ("running", "starting"):
+            return sandbox_out(row)  # starting twice is not an error
+        if row.state not in _STARTABLE:
+            raise_state(row, "start")
+        return sandbox_out(await self._start(principal, row))
+
+    async def _start(self, principal: Principal, row: SandboxRow) -> SandboxRow:
+        if not await self._transition(row.id, _STARTABLE, "starting"):
+            return await self._load(principal, row.id)  # another request is starting it
+        limits = SandboxLimits.model_validate(row.limits)
+        try:
+            actor, info = await remote.create(row.id, limits, self.settings)
+        except CaveError as exc:
+            await self._set(row.id, state="failed", failure=str(exc))
+            await self._audit(principal, "sandbox.start", row, {"error": exc.code}, "error")
+            raise
+        now = utcnow()
+        expires = now + timedelta(seconds=row.ttl_s) if row.ttl_s else None
+        row = await self._set(
+            row.id,
+            state="running",
+            node_id=info.node_id,
+            started_at=now,
+            expires_at=expires,
+            last_active_at=now,
+            stopped_at=None,
+            failure=None,
+        )
+        self.live[row.id] = Live(row.namespace_id, actor)
+        await self._audit(principal, "sandbox.start", row, {"node_id": info.node_id})
+        return row
+
+    async def stop(
+        self, principal: Principal, sandbox_id: str, reason: str = "requested"
+    ) -> SandboxOut:
+        principal.require("sandboxes:write")
+        row = await self._load(principal, sandbox_id)
+        return sandbox_out(await self._stop(principal, row, reason))
+
+    async def _stop(self, principal: Principal, row: SandboxRow, reason: str) -> SandboxRow:
+        if row.state not in _STOPPABLE or not await self._transition(
+            row.id, ("running",), "stopping"
+        ):
+            return row  # not running, or another request is stopping it: nothing to do here
+        live = self.live.pop(row.id, None)
+        await remote.stop(row.id, live.actor if live else None)
+        self.active.pop(row.id, None)
+        row = await self._set(row.id, state="stopped", stopped_at=utcnow(), expires_at=None)
+        await self._audit(principal, "sandbox.stop", row, {"reason": reason})
+        return row
+
+    async def delete(self, principal: Principal, sandbox_id: str) -> None:
+        """Stop it if it runs, revoke its key, hide it from lists; its history stays."""
+        principal.require("sandboxes:write")
+        row = await self._stop(principal, await self._load(principal, sandbox_id), "deleted")
+        if row.state in ("starting", "stopping"):
+            raise_state(row, "delete")
+        await self._set(row.id, state="deleted")
+        if row.api_key_id is not None:
+            await self.keys.revoke(row.api_key_id, actor=principal.key_id)
+        await self._audit(principal, "sandbox.delete", row, {})
+
+    # -- read --------------------------------------------------------------------------------
+
+    async def get(self, principal: Principal, sandbox_id: str) -> SandboxOut:
+        principal.require("sandboxes:read")
+        return sandbox_out(await self._load(principal, sandbox_id))
+
+    async def list(
+        self,
+        principal: Principal,
+        *,
+        state: str | None = None,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        namespace: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> SandboxPage:
+        principal.require("sandboxes:read")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgumentError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        query = select(SandboxRow).order_by(SandboxRow.created_at.desc(), SandboxRow.id.desc())
+        query = query.where(SandboxRow.state == state if state else SandboxRow.state != "deleted")
+        if name:
+            query = query.where(SandboxRow.name == name)
+        if namespace:
+            query = query.where(SandboxRow.namespace_id == namespace)
+        for key, value in (labels or {}).items():
+            query = query.where(SandboxRow.labels[key].as_string() == value)
+        if cursor:
+            when, last_id = decode_cursor(cursor)
+            query = query.where(
+                or_(
+                    SandboxRow.created_at < when,
+                    and_(SandboxRow.created_at == when, SandboxRow.id < last_id),
+                )
+            )
+        async with self._session(principal) as session:
+            rows = list((await session.scalars(query.limit(limit + 1))).all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+        return SandboxPage(items=[sandbox_out(r) for r in rows], next_cursor=next_cursor)
+
+    async def count_by_state(self) -> dict[str, int]:
+        """Sandboxes per state across every namespace (the metrics gauge)."""
+        query = select(SandboxRow.state, func.count()).group_by(SandboxRow.state)
+        async with self.db.admin_session() as session:
+            rows = (await session.execute(query)).all()
+        return {state: int(count) for state, count in rows}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _target_namespace(self, principal: Principal, asked: str | None) -> str:
+        if principal.is_admin:
+            return asked or DEFAULT_NAMESPACE
+        own = str(principal.namespace_id)
+        if asked is not None and asked != own:
+            raise ForbiddenError(f"this key acts in namespace {own!r} only, not {asked!r}")
+        return own
+
+    async def ensure_namespace(self, namespace: str) -> None:
+        if namespace in self._namespaces:
+            return
+        try:
+            async with self.db.admin_session() as session:
+                if await session.get(NamespaceRow, namespace) is None:
+                    session.add(NamespaceRow(id=namespace, name=namespace))
+        except ConflictError:
+            pass  # created meanwhile by a concurrent request: what we wanted
+        self._namespaces.add(namespace)
+
+    async def _transition(self, sandbox_id: str, from_states: tuple[str, ...], to: str) -> bool:
+        """Move the record to `to` if it is in one of `from_states`; False if another request
+        got there first. This claim is what keeps two replicas from starting one sandbox twice."""
+        async with self.db.admin_session() as session:
+            result = await session.execute(
+                update(SandboxRow)
+                .where(SandboxRow.id == sandbox_id, SandboxRow.state.in_(from_states))
+                .values(state=to, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def _set(self, sandbox_id: str, **values: Any) -> SandboxRow:
+        async with self.db.admin_session() as session:
+            row = await _get_row(session, sandbox_id)
+            for field, value in values.items():
+                setattr(row, field, value)
+        return row
+
+    async def _audit(
+        self,
+        principal: Principal,
+        action: str,
+        row: SandboxRow,
+        details: dict[str, object],
+        outcome: Outcome = "ok",
+    ) -> None:
+        event = AuditEvent(
+            principal.key_id,
+            action,
+            row.id,
+            outcome,
+            row.namespace_id,
+            details,  # type: ignore[arg-type]
+        )
+        await self.audit.record(event)
+
+
+async def _get_row(session: AsyncSession, sandbox_id: str) -> SandboxRow:
+    row = await session.get(SandboxRow, sandbox_id)
+    if row is None:
+        raise SandboxNotFoundError(f"no sandbox {sandbox_id!r}")
+    return row
+
+
+def raise_state(row: SandboxRow, action: str) -> None:
+    raise SandboxStateError(f"sandbox {row.id} is {row.state}: cannot {action} it now")

@@ -1,0 +1,204 @@
+"""The API's request and response bodies (pydantic): what clients send and get, never a row."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAMESPACE_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+Namespace = Annotated[str, Field(pattern=NAMESPACE_PATTERN, examples=["team-a"])]
+SandboxState = Literal[
+    "created", "starting", "running", "stopping", "stopped", "failed", "lost", "deleted"
+]
+Scope = Literal[
+    "sandboxes:read", "sandboxes:write", "keys:read", "keys:write", "llm:request", "audit:read"
+]
+
+
+class _Body(BaseModel):
+    """Unknown fields are an error (422), not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Limits(_Body):
+    """Per-sandbox limits; unset fields take the operator's defaults (CAVE_DEFAULT_*)."""
+
+    memory_mb: int | None = Field(None, ge=1)
+    pids: int | None = Field(None, ge=1)
+    cpu: float | None = Field(None, gt=0)
+    disk_mb: int | None = Field(None, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+    output_bytes: int | None = Field(None, ge=1)
+
+
+class LimitsOut(BaseModel):
+    memory_mb: int
+    pids: int
+    cpu: float
+    disk_mb: int
+    timeout_s: float
+    output_bytes: int
+
+
+class CreateSandboxRequest(_Body):
+    name: str = Field("", max_length=128)
+    namespace: Namespace | None = Field(
+        None, description="Admin keys only; a namespace key always creates in its own namespace."
+    )
+    limits: Limits = Field(default_factory=Limits)
+    labels: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=256)]] = (
+        Field(default_factory=dict, max_length=64)
+    )
+    ttl_s: float | None = Field(
+        None, gt=0, le=30 * 86400, description="Stopped this long after start."
+    )
+    idle_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=30 * 86400,
+        description="Stopped after this long without an exec or file call.",
+    )
+    start: bool = Field(True, description="False records the sandbox in state `created` only.")
+
+
+class SandboxOut(BaseModel):
+    id: str
+    name: str
+    namespace: str
+    state: SandboxState
+    node_id: str | None
+    limits: LimitsOut
+    labels: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    stopped_at: datetime | None
+    expires_at: datetime | None
+    idle_timeout_s: float | None
+    failure: str | None = None
+    api_key_masked: str | None = Field(None, description="The sandbox's own API key, masked.")
+
+
+class CreatedSandboxOut(SandboxOut):
+    api_key: str | None = Field(
+        None, description="The sandbox's own API key in full: shown in this response only."
+    )
+
+
+class SandboxPage(BaseModel):
+    items: list[SandboxOut]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class ExecRequest(_Body):
+    command: str | list[str] = Field(
+        description="A shell string (run by /bin/sh -c) or an argv list.", examples=["echo hi"]
+    )
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    stdin: str | None = Field(None, description="Text written to the command's stdin.")
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class ExecOut(BaseModel):
+    execution_id: str
+    exit_code: int
+    stdout: str = Field(description="UTF-8, undecodable bytes replaced.")
+    stderr: str
+    duration_ms: int
+    timed_out: bool
+    oom_killed: bool
+    truncated: bool
+
+
+class ExecEvent(BaseModel):
+    """One NDJSON line, SSE event or WebSocket message of a streamed exec."""
+
+    type: Literal["started", "stdout", "stderr", "result", "error"]
+    data: str | None = None
+    execution_id: str | None = Field(None, description="On `started` (WebSocket): the exec's id.")
+    result: ExecOut | None = None
+    error: ErrorBody | None = None
+
+
+class FileWritten(BaseModel):
+    path: str
+    size: int
+
+
+class FileEntryOut(BaseModel):
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+
+
+class FileList(BaseModel):
+    path: str
+    entries: list[FileEntryOut]
+
+
+class CreateKeyRequest(_Body):
+    kind: Literal["admin", "namespace"] = "namespace"
+    namespace: Namespace | None = None
+    scopes: list[Scope] = Field(default_factory=list)
+    name: str = Field("", max_length=128)
+    ttl_s: float | None = Field(None, gt=0, description="The key expires this long after creation.")
+
+
+class RotateKeyRequest(_Body):
+    grace_s: float | None = Field(
+        None, ge=0, description="How long the old key keeps working (default from settings)."
+    )
+
+
+class KeyOut(BaseModel):
+    id: str
+    masked: str
+    kind: Literal["admin", "namespace"]
+    namespace: str | None
+    scopes: list[str]
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    grace_until: datetime | None
+    last_used_at: datetime | None
+    rotated_from_id: str | None
+
+
+class CreatedKeyOut(KeyOut):
+    key: str = Field(description="The key in full: shown in this response only.")
+
+
+class KeyList(BaseModel):
+    items: list[KeyOut]
+
+
+class WebhookReceived(BaseModel):
+    event_id: str
+    topic: str
+    duplicate: bool = Field(False, description="Already received once: nothing was done again.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["sandbox_not_found"])
+    message: str
+    request_id: str
+    details: list[dict[str, object]] | None = Field(
+        None, description="Validation errors: one entry per field, with its location."
+    )
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+ExecEvent.model_rebuild()

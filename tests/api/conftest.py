@@ -1,0 +1,83 @@
+"""One CAVE API per test session: a real Serve app on the session's Ray cluster, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import poll_until
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    url: str
+    admin_key: str
+    env: dict[str, str]
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key or self.admin_key}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def api_env(root: Path, state_dir: Path) -> dict[str, str]:
+    return {
+        "BKG_DB_PATH": str(root / "cave.db"),
+        "CAVE_SECRETS_DIR": str(root / "secrets"),
+        "CAVE_STATE_DIR": str(state_dir),
+        "CAVE_POOL_SIZE": "2",
+        "CAVE_AUDIT_LOG_ENABLED": "true",
+        "CAVE_AUDIT_LOG_PATH": str(root / "audit" / "audit.jsonl"),
+        "CAVE_AUDIT_LOG_HMAC_KEY": base64.b64encode(secrets.token_bytes(32)).decode().rstrip("="),
+        "CAVE_UPKEEP_INTERVAL_S": "0.2",
+        "CAVE_ROTATION_WEBHOOK_SECRET": "test-webhook-secret",
+    }
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    ray_cluster: None, cave_state_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiServer]:
+    from ray import serve
+
+    from cave.auth.bootstrap import create_admin_key
+    from deployments.app import APP_NAME, build_app
+
+    env = api_env(tmp_path_factory.mktemp("api"), cave_state_dir)
+    admin_key = asyncio.run(create_admin_key({**os.environ, **env}))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"env": env}), name=APP_NAME, route_prefix="/")
+    server = ApiServer(f"http://127.0.0.1:{port}", admin_key, env)
+    with server.client() as client:
+        poll_until(lambda: client.get("/readyz").status_code == 200, timeout_s=60)
+    yield server
+    serve.shutdown()
+
+
+@pytest.fixture
+def namespace_key(api_server: ApiServer) -> Callable[[str, list[str]], str]:
+    def make(namespace: str, scopes: list[str]) -> str:
+        with api_server.client() as client:
+            response = client.post(
+                "/api/v1/auth/keys",
+                json={"kind": "namespace", "namespace": namespace, "scopes": scopes},
+            )
+        assert response.status_code == 201, response.text
+        return str(response.json()["key"])
+
+    return make
