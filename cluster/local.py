@@ -309,6 +309,12 @@ def _cmdline(pid: int) -> str:
 
 def _drain_cluster(address: str) -> None:
     ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+    from ray import serve
+
+    try:
+        serve.shutdown()  # no request may start a sandbox while they are being stopped
+    except Exception as exc:
+        print(f"cave down: stopping the API: {exc}", file=sys.stderr)
     for problem in stop_all(timeout_s=DRAIN_TIMEOUT_S / 2):
         # The cluster is about to be killed anyway; note it in the log.
         print(f"cave down: {problem}", file=sys.stderr)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 NO_CLUSTER_HINT = "cave: error: no CAVE cluster is running; start one with `cave up`"
@@ -21,7 +22,13 @@ def cave_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.pop("RAY_ADDRESS", None)
     # Sandboxes of this test session keep their state apart from a real /run/cave.
-    return {**env, "CAVE_HOME": str(home), "CAVE_STATE_DIR": f"/run/cave-cli-test-{os.getpid()}"}
+    return {
+        **env,
+        "CAVE_HOME": str(home),
+        "CAVE_STATE_DIR": f"/run/cave-cli-test-{os.getpid()}",
+        "BKG_DB_PATH": str(home / "cave.db"),
+        "CAVE_SECRETS_DIR": str(home / "secrets"),
+    }
 
 
 def cave(
@@ -72,6 +79,16 @@ def _remove_state_dir(path: Path) -> None:
 
 def run(env: dict[str, str], *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     return cave(env, "sandbox", "run", *args, stdin=stdin)
+
+
+def test_up_serves_the_api_with_a_working_admin_key(cluster_env: dict[str, str]) -> None:
+    info = json.loads((Path(cluster_env["CAVE_HOME"]) / "api.json").read_text())
+    headers = {"Authorization": f"Bearer {info['admin_key']}"}
+    listed = httpx.get(f"{info['url']}/api/v1/sandboxes", headers=headers, timeout=30)
+    assert listed.status_code == 200, listed.text
+    again = cave(cluster_env, "up")
+    assert again.returncode == 0
+    assert info["admin_key"] in again.stdout.decode()  # the same API, the same bootstrap key
 
 
 def test_prints_the_command_output(cluster_env: dict[str, str]) -> None:

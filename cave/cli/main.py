@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import ray
@@ -14,6 +16,7 @@ from actors.sandboxes import choose_node, directory, warm_pool
 from cave.audit import cli as audit_cli
 from cave.cli import run
 from cave.cli.session import as_cave_error, cave_home, connected
+from cluster.api import API_FILE, deploy_api, forget_api
 from cluster.local import (
     ClusterInfo,
     driver_env,
@@ -81,8 +84,10 @@ def _up(args: argparse.Namespace) -> int:
     info = start_local_cluster(home, args.num_cpus)
     with connected(info.address):
         stats = _prewarm(settings)
-    # The API server (a later issue) starts here, once the cluster and its pool are ready.
+        api = deploy_api(home, os.environ, Path.cwd())
     _print_up(info, stats, was_running, time.monotonic() - started)
+    print(f"API: {api.url}  (docs {api.url}/docs, MCP {api.url}/mcp)")
+    print(f"admin key: {api.admin_key}  (also in {home / API_FILE}; keep it secret)")
     return 0
 
 
@@ -113,6 +118,7 @@ def _print_up(info: ClusterInfo, stats: dict[str, int], was_running: bool, took_
 
 
 def _down(args: argparse.Namespace) -> int:
+    forget_api(cave_home())
     stopped = stop_local_cluster(cave_home())
     print("CAVE cluster stopped" if stopped else "no CAVE cluster was running")
     return 0
