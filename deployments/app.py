@@ -10,16 +10,36 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
 from deployments.errors import RequestIdMiddleware, install_error_handlers
 from deployments.metrics import ApiMetrics, install_metrics
 from deployments.routes import exec as exec_routes
 from deployments.routes import files, health, keys, sandboxes
+from deployments.schemas import CreateSandboxRequest, ExecRequest
 from deployments.services import Services
 
 log = logging.getLogger("cave.api")
+REQUEST_BODIES: dict[str, type[BaseModel]] = {"create": CreateSandboxRequest, "run": ExecRequest}
+# SandboxManager methods that Ray handles may call: each checks the key's scope itself.
+HANDLE_METHODS = frozenset(
+    {
+        "create",
+        "get",
+        "list",
+        "start",
+        "stop",
+        "delete",
+        "run",
+        "write_file",
+        "read_file",
+        "list_files",
+        "delete_file",
+    }
+)
 API_VERSION = "0.1.0"
 APP_NAME = "cave"
 
@@ -71,9 +91,41 @@ class ApiIngress:
         self._env = dict(env or {})
         context = serve.get_replica_context()
         self._replica = context.replica_tag if context is not None else ""
+        self._app: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self._env, _file_safe(self._replica))
+        self._app = create_api(self._env, _file_safe(self._replica))
+        return self._app
+
+    async def call(self, api_key: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A sandbox operation for Python code in the cluster (cave.client.ray_client), with the
+        same key, scopes and audit as over HTTP; CaveErrors come back as themselves."""
+        if method not in HANDLE_METHODS:
+            raise InvalidArgumentError(
+                f"unknown method {method!r}; known: {sorted(HANDLE_METHODS)}"
+            )
+        services = self._services()
+        principal = await services.authenticate(f"Bearer {api_key}")
+        if method in REQUEST_BODIES:  # plain dicts in, so callers need not import our schemas
+            try:
+                args = (*args[:-1], REQUEST_BODIES[method].model_validate(args[-1]))
+            except ValidationError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+        result = await getattr(services.sandboxes, method)(principal, *args, **kwargs)
+        return result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+
+    async def actor_of(self, api_key: str, sandbox_id: str) -> Any:
+        """The running sandbox's actor handle, for direct calls (no per-exec record or audit)."""
+        services = self._services()
+        principal = await services.authenticate(f"Bearer {api_key}")
+        await services.sandboxes.ensure_running(principal, sandbox_id)
+        return services.sandboxes.live[sandbox_id].actor
+
+    def _services(self) -> Services:
+        if self._app is None or not hasattr(self._app.state, "services"):
+            raise ServiceUnavailableError("this replica has not finished starting")
+        services: Services = self._app.state.services
+        return services
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -14,7 +14,7 @@ import ray
 
 from actors.sandboxes import choose_node, directory, warm_pool
 from cave.audit import cli as audit_cli
-from cave.cli import run
+from cave.cli import keys_cmds, run, sandbox_cmds
 from cave.cli.session import as_cave_error, cave_home, connected
 from cluster.api import API_FILE, deploy_api, forget_api
 from cluster.local import (
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="work with sandboxes")
     verbs = sandbox.add_subparsers(metavar="VERB", required=True)
     run.add_arguments(_command(verbs, "run", "run one command in a fresh sandbox", run.run))
+    sandbox_cmds.add_commands(verbs)
+    keys = commands.add_parser("keys", help="manage API keys")
+    keys_cmds.add_commands(keys.add_subparsers(metavar="VERB", required=True))
     audit = commands.add_parser("audit", help="check the audit log")
     audit_verbs = audit.add_subparsers(metavar="VERB", required=True)
     verify = _command(audit_verbs, "verify", audit_cli.VERIFY_HELP, audit_cli.verify_command)
