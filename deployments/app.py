@@ -16,6 +16,7 @@ from ray import serve
 from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
 from deployments.errors import RequestIdMiddleware, install_error_handlers
+from deployments.logs import configure_logging
 from deployments.metrics import ApiMetrics, install_metrics
 from deployments.routes import exec as exec_routes
 from deployments.routes import files, health, keys, sandboxes
@@ -89,6 +90,7 @@ class ApiIngress:
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env = dict(env or {})
+        configure_logging()
         context = serve.get_replica_context()
         self._replica = context.replica_tag if context is not None else ""
         self._app: FastAPI | None = None

@@ -12,11 +12,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cave import errors
 from cave.auth.keys import ForbiddenError
+from deployments.logs import current_request_id
 
 log = logging.getLogger("cave.api")
 
@@ -132,6 +135,10 @@ class RequestIdMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Behind Ray Serve the proxy gives each request an X-Request-Id (the client's or a new
+        # one), passes it to us in the request and echoes it on the response itself: echoing it
+        # here too would send the header twice.
+        self._echo = not _behind_serve_proxy()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -139,14 +146,23 @@ class RequestIdMiddleware:
             return
         request_id = _incoming_id(scope) or secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
+        current_request_id.set(request_id)  # for log lines (deployments/logs.py)
         header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and self._echo:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def _behind_serve_proxy() -> bool:
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return False
+    return True
 
 
 def _incoming_id(scope: Scope) -> str | None:

@@ -80,5 +80,6 @@ class Services:
 
 def _install_scrubbing() -> None:
     """BKG_SCRUB_LOGS: mask personal data in every log line this process writes."""
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(ScrubFilter())
+    for logger in (logging.getLogger(), logging.getLogger("cave")):
+        for handler in logger.handlers:
+            handler.addFilter(ScrubFilter())
