@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
@@ -10,8 +11,9 @@ from functools import cache
 import ray
 
 from actors.isolation.backend import Backend, select_backend
-from actors.isolation.results import ExecResult, FileEntry, OutputChunk
+from actors.isolation.results import ExecResult, ExecStarted, FileEntry, OutputChunk
 from actors.isolation.sandbox import Sandbox
+from actors.isolation.stdin_feed import StdinFeed
 from cave.errors import InvalidArgumentError, SandboxError, SandboxStateError
 from config.settings import IsolationSettings, SandboxLimits
 
@@ -62,6 +64,7 @@ class SandboxService:
         self._id = self._sandbox.id  # replaced by the caller's id at start
         self._created_at = time.time()
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self._feeds: dict[str, StdinFeed] = {}  # stdin of the interactive execs still running
 
     async def prepare(self, limits: SandboxLimits) -> None:
         await self._sandbox.prepare(limits)
@@ -93,11 +96,60 @@ class SandboxService:
         cwd: str | None = None,
         stdin: bytes | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[OutputChunk | ExecResult]:
+        interactive: bool = False,
+    ) -> AsyncIterator[ExecStarted | OutputChunk | ExecResult]:
+        """Output chunks, then the ExecResult; an interactive exec first yields ExecStarted.
+
+        An interactive exec's stdin stays open after `stdin` (its first bytes, if given):
+        `write_stdin` / `close_stdin` with the ExecStarted's id feed it while the command runs.
+        """
+        if interactive:
+            async for event in self._interactive(command, env, cwd, stdin, timeout_s):
+                yield event
+            return
         async for item in self._sandbox.exec(
             command_argv(command), env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s
         ):
             yield item
+
+    async def _interactive(
+        self,
+        command: str | list[str],
+        env: dict[str, str] | None,
+        cwd: str | None,
+        stdin: bytes | None,
+        timeout_s: float | None,
+    ) -> AsyncIterator[ExecStarted | OutputChunk | ExecResult]:
+        argv = command_argv(command)
+        feed = StdinFeed(b"" if stdin is None else stdin)
+        exec_id = uuid.uuid4().hex
+        self._feeds[exec_id] = feed
+        try:
+            yield ExecStarted(exec_id)
+            async for item in self._sandbox.exec(
+                argv, env=env, cwd=cwd, stdin=feed, timeout_s=timeout_s
+            ):
+                if isinstance(item, ExecResult):  # finished before anyone hears of it
+                    del self._feeds[exec_id]
+                yield item
+        finally:
+            self._feeds.pop(exec_id, None)
+
+    # async, though they never await: Ray runs them on the actor's event loop, the only thread
+    # that may touch a feed, alongside the streaming exec.
+    async def write_stdin(self, exec_id: str, data: bytes) -> None:
+        """Queue bytes for a running interactive exec; LimitExceededError when too much waits."""
+        self._feed(exec_id).write(data)
+
+    async def close_stdin(self, exec_id: str) -> None:
+        """End of input for a running interactive exec, once what was written is read."""
+        self._feed(exec_id).close()
+
+    def _feed(self, exec_id: str) -> StdinFeed:
+        feed = self._feeds.get(exec_id)
+        if feed is None:
+            raise SandboxStateError(f"no running interactive exec {exec_id!r} in {self._id}")
+        return feed
 
     async def run(
         self,
@@ -109,7 +161,9 @@ class SandboxService:
     ) -> ExecOutput:
         """Run to completion in one call: cheaper than the stream when output is not needed live."""
         out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        async for item in self.exec(command, env, cwd, stdin, timeout_s):
+        async for item in self._sandbox.exec(
+            command_argv(command), env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s
+        ):
             if isinstance(item, ExecResult):
                 return ExecOutput(b"".join(out["stdout"]), b"".join(out["stderr"]), item)
             out[item.stream].append(item.data)

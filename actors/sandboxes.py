@@ -14,10 +14,10 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from actors.directory import DIRECTORY_NAME, SandboxDirectory
-from actors.isolation.results import ExecResult, OutputChunk
+from actors.isolation.results import ExecResult, ExecStarted, OutputChunk
 from actors.sandbox_actor import ExecOutput, SandboxInfo
 from actors.warm_pool import NAMESPACE, WarmPool, pinned, pool_name
-from cave.errors import CapacityError, SandboxStateError
+from cave.errors import CapacityError, SandboxError, SandboxStateError
 from config.settings import LimitOverrides, Settings, resolve_limits
 
 
@@ -104,11 +104,33 @@ class SandboxHandle:
         self, command: str | list[str], **kwargs: object
     ) -> Iterator[OutputChunk | ExecResult]:
         """Output chunks as the command writes them, then the ExecResult."""
+        return self._items(command, **kwargs)
+
+    def exec_interactive(
+        self, command: str | list[str], **kwargs: object
+    ) -> tuple[str, Iterator[OutputChunk | ExecResult]]:
+        """Start a command whose stdin stays open: its exec id, for `write_stdin` and
+        `close_stdin` while it runs, and its items as `exec_stream` yields them."""
+        items = self._items(command, interactive=True, **kwargs)
+        started = next(items)
+        if not isinstance(started, ExecStarted):
+            raise SandboxError(f"sandbox {self.id}: an interactive exec began with {started!r}")
+        return started.exec_id, items
+
+    def _items(self, command: str | list[str], **kwargs: object) -> Iterator[Any]:
         with _translated(self.id):
             refs: Iterator[Any] = self.actor.exec.remote(command, **kwargs)
             for ref in refs:
-                item: OutputChunk | ExecResult = _get(ref)
-                yield item
+                yield _get(ref)
+
+    def write_stdin(self, exec_id: str, data: bytes) -> None:
+        """Queue stdin for a running interactive exec (LimitExceededError past 1 MiB unread)."""
+        with _translated(self.id):
+            _get(self.actor.write_stdin.remote(exec_id, data))
+
+    def close_stdin(self, exec_id: str) -> None:
+        with _translated(self.id):
+            _get(self.actor.close_stdin.remote(exec_id))
 
     def run(self, command: str | list[str], **kwargs: object) -> ExecOutput:
         """Run to completion in one actor call."""

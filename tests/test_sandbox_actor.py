@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 
-from actors.isolation.results import ExecResult, OutputChunk
+from actors.isolation.results import ExecResult, ExecStarted, OutputChunk
 from actors.sandboxes import choose_node, create_sandbox, get_sandbox, stop_sandbox, warm_pool
 from cave.errors import (
     CapacityError,
@@ -147,3 +149,86 @@ def test_killed_actor_leaves_nothing_behind(settings: Settings) -> None:
     assert any(path.exists() for path in leftovers)
     stop_sandbox(create_sandbox(settings).id)
     _poll(lambda: not any(path.exists() for path in leftovers), 30)
+
+
+def _stdout_until(
+    items: Iterator[OutputChunk | ExecResult], wanted: bytes, seen: bytearray
+) -> None:
+    """Read the exec's items until its stdout holds `wanted` (its timeout_s bounds the wait)."""
+    while wanted not in seen:
+        item = next(items)
+        assert isinstance(item, OutputChunk), f"the exec ended before {wanted!r}: {item}"
+        seen.extend(item.data if item.stream == "stdout" else b"")
+
+
+def _result(items: Iterator[OutputChunk | ExecResult], seen: bytearray) -> ExecResult:
+    for item in items:
+        if isinstance(item, ExecResult):
+            return item
+        assert isinstance(item, OutputChunk)
+        seen.extend(item.data if item.stream == "stdout" else b"")
+    raise AssertionError("the exec stream ended without a result")
+
+
+def test_interactive_exec_reads_stdin_while_it_runs(settings: Settings) -> None:
+    sandbox = create_sandbox(settings)
+    try:
+        exec_id, items = sandbox.exec_interactive(["cat"], timeout_s=30)
+        out = bytearray()
+        sandbox.write_stdin(exec_id, b"a\n")
+        _stdout_until(items, b"a", out)  # echoed while cat still runs
+        sandbox.write_stdin(exec_id, b"b\n")
+        sandbox.close_stdin(exec_id)
+        result = _result(items, out)
+        assert (bytes(out), result.exit_code) == (b"a\nb\n", 0)
+        with pytest.raises(SandboxStateError):
+            sandbox.write_stdin(exec_id, b"late\n")
+        # Not interactive: no exec id first, bytes stdin as before.
+        plain = list(sandbox.exec_stream(["cat"], stdin=b"whole"))
+        assert [type(item) for item in plain] == [OutputChunk, ExecResult]
+        assert sandbox.run(["cat"], stdin=b"whole").stdout == b"whole"
+        # The raw stream, as an async caller (the API) reads it: the id first, initial stdin used.
+        refs = sandbox.actor.exec.remote(["head", "-c2"], stdin=b"hi", interactive=True)
+        raw: list[Any] = [ray.get(ref) for ref in refs]
+        assert isinstance(raw[0], ExecStarted) and isinstance(raw[-1], ExecResult)
+        assert raw[1:-1] == [OutputChunk("stdout", b"hi")]
+    finally:
+        stop_sandbox(sandbox.id)
+
+
+def test_interactive_exec_refuses_writes_once_done(settings: Settings) -> None:
+    sandbox = create_sandbox(settings)
+    try:
+        exec_id, items = sandbox.exec_interactive(["head", "-n1"])
+        sandbox.write_stdin(exec_id, b"one\n")
+        out = bytearray()
+        result = _result(items, out)  # head exits after one line, stdin still open
+        assert (bytes(out), result.exit_code) == (b"one\n", 0)
+        with pytest.raises(SandboxStateError):
+            sandbox.write_stdin(exec_id, b"two\n")
+        with pytest.raises(SandboxStateError):
+            sandbox.close_stdin(exec_id)
+        with pytest.raises(SandboxStateError):
+            sandbox.write_stdin("no-such-exec", b"x")
+    finally:
+        stop_sandbox(sandbox.id)
+
+
+def test_interactive_stdin_past_the_cap_is_refused(settings: Settings) -> None:
+    sandbox = create_sandbox(settings)
+    try:
+        gated = "while [ ! -e /workspace/go ]; do sleep 0.05; done; wc -c"
+        exec_id, items = sandbox.exec_interactive(gated, timeout_s=60)
+        chunk, accepted = b"z" * (256 << 10), 0
+        with pytest.raises(LimitExceededError):
+            for _ in range(16):  # 4 MiB: far beyond the 1 MiB cap plus a pipe buffer
+                sandbox.write_stdin(exec_id, chunk)
+                accepted += len(chunk)
+        ray.get(sandbox.actor.write_file.remote("go", b""))  # now the command reads
+        sandbox.close_stdin(exec_id)
+        out = bytearray()
+        result = _result(items, out)
+        assert result.exit_code == 0
+        assert int(out) == accepted  # every accepted byte arrived, nothing of the refused one
+    finally:
+        stop_sandbox(sandbox.id)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from actors.isolation.aio import wait_writable
 from actors.isolation.channel import Channel
 from actors.isolation.results import ExecResult, OutputChunk
+from actors.isolation.stdin_feed import StdinFeed
 from cave.errors import InvalidArgumentError, QuotaExceededError, SandboxError
 
 READ_BYTES = 65536
@@ -22,7 +23,7 @@ class ExecRequest:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None
-    stdin: bytes | None
+    stdin: bytes | StdinFeed | None
     timeout_s: float
     output_bytes: int
 
@@ -68,8 +69,10 @@ def check_request(req: ExecRequest) -> None:
         raise InvalidArgumentError("argv must be a non-empty list of strings without NUL bytes")
     if not req.argv[0]:
         raise InvalidArgumentError("argv[0] must not be empty")
-    if req.stdin is not None and not isinstance(req.stdin, bytes):
-        raise InvalidArgumentError(f"stdin must be bytes, got {type(req.stdin).__name__}")
+    if req.stdin is not None and not isinstance(req.stdin, bytes | StdinFeed):
+        raise InvalidArgumentError(
+            f"stdin must be bytes or a StdinFeed, got {type(req.stdin).__name__}"
+        )
     if not isinstance(req.env, dict):
         raise InvalidArgumentError("env must be a mapping of strings to strings")
     if req.cwd is not None and (not isinstance(req.cwd, str) or "\0" in req.cwd):
@@ -91,6 +94,9 @@ async def run_exec(
     channel: Channel, req: ExecRequest, oom_count: Callable[[], int]
 ) -> AsyncIterator[OutputChunk | ExecResult]:
     check_request(req)
+    feed = req.stdin if isinstance(req.stdin, StdinFeed) else None
+    if feed is not None:
+        feed.claim()
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -112,6 +118,8 @@ async def run_exec(
         channel.forget(exec_id)
         for fd in (stdin_w, out_r, err_r):
             os.close(fd)
+        if feed is not None:
+            feed.end("the exec did not start")
         raise
     finally:
         for fd in (stdin_r, out_w, err_w):
@@ -121,7 +129,7 @@ async def run_exec(
         _Stream("stdout", out_r, req.output_bytes, queue),
         _Stream("stderr", err_r, req.output_bytes, queue),
     ]
-    feeder = asyncio.ensure_future(_feed_stdin(stdin_w, req.stdin))
+    feeder = _start_stdin(stdin_w, req.stdin)
     try:
         open_streams = len(streams)
         while open_streams:
@@ -132,7 +140,10 @@ async def run_exec(
                 yield chunk
         reply, _ = await exited
     finally:
-        feeder.cancel()
+        if feeder is not None:
+            feeder.cancel()
+        if feed is not None:  # now, before the result: whoever sees it can no longer write
+            feed.end("the exec has ended")
         for stream in streams:
             stream.close()
     yield _result(reply, streams, started, ooms_before, oom_count())
@@ -160,6 +171,14 @@ def _result(
         stdout_bytes=streams[0].total,
         stderr_bytes=streams[1].total,
     )
+
+
+def _start_stdin(fd: int, stdin: bytes | StdinFeed | None) -> asyncio.Future[None] | None:
+    """Hand the pipe to the feed (None), or start writing fixed bytes in a task."""
+    if isinstance(stdin, StdinFeed):
+        stdin.attach(fd)
+        return None
+    return asyncio.ensure_future(_feed_stdin(fd, stdin))
 
 
 async def _feed_stdin(fd: int, data: bytes | None) -> None:

@@ -1,8 +1,15 @@
-"""What an exec streams back: output chunks as they come, then one result."""
+"""What an exec streams back: (an interactive one's id,) output chunks as they come, one result."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExecStarted:
+    """First item of an interactive exec: the id to write its stdin with."""
+
+    exec_id: str
 
 
 @dataclass(frozen=True)

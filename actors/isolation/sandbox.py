@@ -23,6 +23,7 @@ from actors.isolation.exec_stream import ExecRequest, run_exec
 from actors.isolation.file_ops import FileOps
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.isolation.rootfs import RootfsSpec
+from actors.isolation.stdin_feed import StdinFeed
 from cave.errors import InvalidArgumentError, SandboxError, SandboxStateError
 from config.settings import SandboxLimits
 
@@ -192,10 +193,13 @@ class Sandbox:
         *,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | StdinFeed | None = None,
         timeout_s: float | None = None,
     ) -> AsyncIterator[OutputChunk | ExecResult]:
-        """Run one command; yields output chunks as they come, then the ExecResult."""
+        """Run one command; yields output chunks as they come, then the ExecResult.
+
+        `stdin` is written whole (bytes), or while the command runs through a StdinFeed.
+        """
         channel = self._require_channel()
         assert self.limits is not None
         timeout = self.limits.timeout_s if timeout_s is None else timeout_s
@@ -242,7 +246,8 @@ class Sandbox:
         except ProcessLookupError:
             return
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it exited once its socket closed
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             await wait_readable(pidfd)
             with contextlib.suppress(ChildProcessError):  # the keeper's child, or the host's
                 os.waitpid(pid, os.WNOHANG)
