@@ -27,6 +27,7 @@ from cave.errors import (
     SandboxStateError,
 )
 from config.settings import SandboxLimits, Settings, parse_overrides, resolve_limits
+from deployments.exec_records import ExecRecorder
 from deployments.sandbox_ops import Live, SandboxOps
 from deployments.sandbox_views import decode_cursor, encode_cursor, sandbox_out
 from deployments.schemas import CreatedSandboxOut, CreateSandboxRequest, SandboxOut, SandboxPage
@@ -39,9 +40,14 @@ _STARTABLE = ("created", "stopped", "failed", "lost")
 
 class SandboxManager(SandboxOps):
     def __init__(
-        self, settings: Settings, db: Database, keys: KeyService, audit: AuditTrail
+        self,
+        settings: Settings,
+        db: Database,
+        keys: KeyService,
+        audit: AuditTrail,
+        recorder: ExecRecorder | None = None,
     ) -> None:
-        super().__init__(db, audit)
+        super().__init__(db, audit, recorder or ExecRecorder(audit))
         self.settings = settings
         self.keys = keys
         self._namespaces: set[str] = set()  # known to exist: no insert-if-missing per create

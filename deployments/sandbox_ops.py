@@ -19,6 +19,7 @@ from cave.audit.trail import AuditTrail
 from cave.auth.keys import Principal
 from cave.db import Database, ExecutionRow, SandboxRow, new_id, utcnow
 from cave.errors import PayloadTooLargeError, SandboxNotFoundError, SandboxStateError
+from deployments.exec_records import ExecRecorder
 from deployments.sandbox_views import exec_out, file_entry_out
 from deployments.schemas import ExecEvent, ExecOut, ExecRequest, FileList, FileWritten
 
@@ -36,9 +37,10 @@ class Live:
 
 
 class SandboxOps:
-    def __init__(self, db: Database, audit: AuditTrail) -> None:
+    def __init__(self, db: Database, audit: AuditTrail, recorder: ExecRecorder) -> None:
         self.db = db
         self.audit = audit
+        self.recorder = recorder
         self.live: dict[str, Live] = {}
         self.active: dict[str, datetime] = {}  # last exec or file call, flushed in batches
 
@@ -161,7 +163,7 @@ class SandboxOps:
         result: ExecResult,
         digest: _Digest,
     ) -> str:
-        """The execution record and its audit event, in one transaction."""
+        """The execution record and its audit event, written together (in a batch)."""
         row = ExecutionRow(
             id=new_id(),
             sandbox_id=sandbox_id,
@@ -185,7 +187,7 @@ class SandboxOps:
             namespace=live.namespace_id,
             details=details,
         )
-        await self.audit.record_many([event], [row])
+        await self.recorder.record(event, row)
         return row.id
 
     # -- files -------------------------------------------------------------------------------
@@ -239,15 +241,14 @@ class SandboxOps:
     async def _audit_file(
         self, principal: Principal, sandbox_id: str, live: Live, action: str, path: str
     ) -> None:
-        await self.audit.record(
-            AuditEvent(
-                principal.key_id,
-                action,
-                sandbox_id,
-                namespace=live.namespace_id,
-                details={"path": path},
-            )
+        event = AuditEvent(
+            principal.key_id,
+            action,
+            sandbox_id,
+            namespace=live.namespace_id,
+            details={"path": path},
         )
+        await self.recorder.record(event)  # batched with the execs: files are a hot path too
 
 
 class _Digest:

@@ -19,6 +19,7 @@ from cave.auth.webhooks import ReplayGuard
 from cave.db import Database, load_database_settings
 from cave.errors import AuthError
 from config.settings import Settings, load_settings
+from deployments.exec_records import ExecRecorder, load_mode
 from deployments.sandbox_manager import SandboxManager
 from deployments.sandbox_upkeep import flush_activity
 
@@ -55,7 +56,8 @@ class Services:
         writer = open_audit_log(audit_settings)
         audit = AuditTrail(db, writer, audit_settings.scrub)
         keys = KeyService(db, auth, audit)
-        manager = SandboxManager(settings, db, keys, audit)
+        recorder = ExecRecorder(audit, load_mode(env))
+        manager = SandboxManager(settings, db, keys, audit, recorder)
         return cls(settings, auth, db, keys, audit, manager, writer)
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -68,6 +70,7 @@ class Services:
         return await self.keys.authenticate(token.strip())
 
     async def close(self) -> None:
+        await self.sandboxes.recorder.close()
         try:
             await self.keys.flush_last_used()
             await flush_activity(self.sandboxes)
