@@ -6,6 +6,8 @@ an audit event. A namespace key sees only its namespace: another namespace's san
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -34,7 +36,9 @@ from deployments.schemas import CreatedSandboxOut, CreateSandboxRequest, Sandbox
 
 DEFAULT_NAMESPACE = "default"
 MAX_PAGE = 200
-_STOPPABLE = ("running", "starting")
+_MOVING = ("starting", "stopping")
+SETTLE_WAIT_S = 30.0  # a start or stop takes seconds; the reconciler clears a stuck one later
+SETTLE_POLL_S = 0.05
 _STARTABLE = ("created", "stopped", "failed", "lost")
 
 
@@ -140,15 +144,26 @@ class SandboxManager(SandboxOps):
         return sandbox_out(await self._stop(principal, row, reason))
 
     async def _stop(self, principal: Principal, row: SandboxRow, reason: str) -> SandboxRow:
-        if row.state not in _STOPPABLE or not await self._transition(
-            row.id, ("running",), "stopping"
-        ):
-            return row  # not running, or another request is stopping it: nothing to do here
+        row = await self._settled(principal, row)
+        if row.state != "running":
+            return row
+        if not await self._transition(row.id, ("running",), "stopping"):
+            # Another request is stopping it: answer with the outcome of that stop.
+            return await self._settled(principal, await self._load(principal, row.id))
         live = self.live.pop(row.id, None)
         await remote.stop(row.id, live.actor if live else None)
         self.active.pop(row.id, None)
         row = await self._set(row.id, state="stopped", stopped_at=utcnow(), expires_at=None)
         await self._audit(principal, "sandbox.stop", row, {"reason": reason})
+        return row
+
+    async def _settled(self, principal: Principal, row: SandboxRow) -> SandboxRow:
+        """The record once the request that is starting or stopping it is done (or, should that
+        request have died with its replica, once waiting longer makes no sense)."""
+        deadline = time.monotonic() + SETTLE_WAIT_S
+        while row.state in _MOVING and time.monotonic() < deadline:
+            await asyncio.sleep(SETTLE_POLL_S)
+            row = await self._load(principal, row.id)
         return row
 
     async def delete(self, principal: Principal, sandbox_id: str) -> None:
@@ -208,7 +223,7 @@ class SandboxManager(SandboxOps):
     async def count_by_state(self) -> dict[str, int]:
         """Sandboxes per state across every namespace (the metrics gauge)."""
         query = select(SandboxRow.state, func.count()).group_by(SandboxRow.state)
-        async with self.db.admin_session() as session:
+        async with self.db.read_session(None) as session:
             rows = (await session.execute(query)).all()
         return {state: int(count) for state, count in rows}
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -43,11 +43,11 @@ class SandboxOps:
         self.recorder = recorder
         self.live: dict[str, Live] = {}
         self.active: dict[str, datetime] = {}  # last exec or file call, flushed in batches
+        self.busy: dict[str, int] = {}  # calls running now: a sandbox is not idle during one
 
     def _session(self, principal: Principal) -> AbstractAsyncContextManager[Any]:
-        if principal.is_admin:
-            return self.db.admin_session()
-        return self.db.namespace_session(str(principal.namespace_id))
+        """A read-only transaction that sees what the principal may see."""
+        return self.db.read_session(None if principal.is_admin else principal.namespace_id)
 
     async def _load(self, principal: Principal, sandbox_id: str) -> SandboxRow:
         """The record as the principal may see it; another namespace's is "not found"."""
@@ -87,15 +87,28 @@ class SandboxOps:
         """Call the sandbox's actor; a cached handle that turns out dead (another replica stopped
         or restarted the sandbox) is dropped and the record consulted once more."""
         live = await self._resolve(principal, sandbox_id, scope)
-        try:
-            result = await call(live.actor)
-        except SandboxStateError:
-            if self.live.pop(sandbox_id, None) is None:
-                raise
-            live = await self._resolve(principal, sandbox_id, scope)
-            result = await call(live.actor)
-        self.active[sandbox_id] = utcnow()
+        with self._in_use(sandbox_id):
+            try:
+                result = await call(live.actor)
+            except SandboxStateError:
+                if self.live.pop(sandbox_id, None) is None:
+                    raise
+                live = await self._resolve(principal, sandbox_id, scope)
+                result = await call(live.actor)
         return live, result
+
+    @contextmanager
+    def _in_use(self, sandbox_id: str) -> Iterator[None]:
+        """Counts the calls running on a sandbox, so that an exec longer than the idle timeout
+        does not get its sandbox stopped under it; its end is the sandbox's last activity."""
+        self.busy[sandbox_id] = self.busy.get(sandbox_id, 0) + 1
+        try:
+            yield
+        finally:
+            self.active[sandbox_id] = utcnow()
+            left = self.busy.pop(sandbox_id, 1) - 1
+            if left > 0:
+                self.busy[sandbox_id] = left
 
     # -- exec --------------------------------------------------------------------------------
 
@@ -130,18 +143,19 @@ class SandboxOps:
             kwargs["interactive"] = True
         live = await self._resolve(principal, sandbox_id, "sandboxes:write")
         started, digest = utcnow(), _Digest()
-        async for item in remote.stream(live.actor, sandbox_id, argv, **kwargs):
-            if isinstance(item, OutputChunk):
-                digest.add(item.stream, item.data)
-                yield ExecEvent(type=item.stream, data=item.data.decode("utf-8", "replace"))  # type: ignore[arg-type]
-            elif isinstance(item, ExecResult):
-                self.active[sandbox_id] = utcnow()
-                execution_id = await self._record_exec(
-                    principal, sandbox_id, live, argv, started, item, digest
-                )
-                yield ExecEvent(type="result", result=exec_out(execution_id, item, b"", b""))
-            else:  # interactive: the exec's id for its stdin
-                yield ExecEvent(type="started", execution_id=str(item.exec_id))
+        with self._in_use(sandbox_id):
+            async for item in remote.stream(live.actor, sandbox_id, argv, **kwargs):
+                if isinstance(item, OutputChunk):
+                    digest.add(item.stream, item.data)
+                    text = item.data.decode("utf-8", "replace")
+                    yield ExecEvent(type=item.stream, data=text)  # type: ignore[arg-type]
+                elif isinstance(item, ExecResult):
+                    execution_id = await self._record_exec(
+                        principal, sandbox_id, live, argv, started, item, digest
+                    )
+                    yield ExecEvent(type="result", result=exec_out(execution_id, item, b"", b""))
+                else:  # interactive: the exec's id for its stdin
+                    yield ExecEvent(type="started", execution_id=str(item.exec_id))
 
     async def write_stdin(
         self, principal: Principal, sandbox_id: str, exec_id: str, data: bytes | None

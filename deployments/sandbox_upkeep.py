@@ -20,8 +20,11 @@ STALE_TRANSITION_S = 120.0
 
 
 async def flush_activity(manager: SandboxManager) -> int:
-    """Write the last-activity times gathered since the previous flush (idle timeouts read them)."""
+    """Write the last-activity times gathered since the previous flush (idle timeouts read them);
+    a sandbox with a call running now is active now."""
     active, manager.active = manager.active, {}
+    now = utcnow()
+    active.update((sandbox_id, now) for sandbox_id in manager.busy)
     if not active:
         return 0
     async with manager.db.admin_session() as session:
@@ -43,7 +46,7 @@ async def expire_due(manager: SandboxManager, now: datetime | None = None) -> li
         SandboxRow.state == "running",
         (SandboxRow.expires_at <= now) | SandboxRow.idle_timeout_s.is_not(None),
     )
-    async with manager.db.admin_session() as session:
+    async with manager.db.read_session(None) as session:
         rows = (await session.scalars(query)).all()
     stopped = []
     for row in rows:
@@ -70,18 +73,19 @@ def _expiry_reason(row: SandboxRow, now: datetime) -> str | None:
 
 async def reconcile(manager: SandboxManager) -> list[str]:
     """Mark `lost` the running sandboxes whose actors are gone; returns their ids."""
-    known = await remote.known_ids()
     stale = utcnow() - timedelta(seconds=STALE_TRANSITION_S)
     query = select(SandboxRow.id, SandboxRow.state).where(
         (SandboxRow.state == "running")
         | (SandboxRow.state.in_(("starting", "stopping")) & (SandboxRow.updated_at < stale))
     )
-    async with manager.db.admin_session() as session:
+    async with manager.db.read_session(None) as session:
         candidates = [(r.id, r.state) for r in (await session.execute(query)).all()]
-    lost = [(sid, state) for sid, state in candidates if sid not in known]
+    # Not only unregistered ones: an actor killed or crashed behind our back stays registered.
+    dead = await remote.dead_ids(sid for sid, _ in candidates)
+    lost = [(sid, state) for sid, state in candidates if sid in dead]
     for sandbox_id, state in lost:
         await _mark_lost(manager, sandbox_id, state)
-    for sandbox_id in set(manager.live) - known:
+    for sandbox_id in set(manager.live) - await remote.known_ids():
         manager.live.pop(sandbox_id, None)
     return [sid for sid, _ in lost]
 
@@ -100,4 +104,5 @@ async def _mark_lost(manager: SandboxManager, sandbox_id: str, state: str) -> No
         )
     if result.rowcount == 1:  # type: ignore[attr-defined]
         manager.live.pop(sandbox_id, None)
+        await remote.forget(sandbox_id)
         log.warning("sandbox %s is lost: its actor is gone", sandbox_id)

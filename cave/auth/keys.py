@@ -251,7 +251,7 @@ class KeyService:
         return cached.principal
 
     async def _load(self, key_id: str) -> _Cached:
-        async with self.db.admin_session() as session:
+        async with self.db.read_session(None) as session:
             row = await session.get(ApiKeyRow, key_id)
         if row is None or row.revoked_at is not None:
             self._cache.pop(key_id, None)

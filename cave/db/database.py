@@ -20,7 +20,7 @@ from cave.db.errors import reason, translate_errors
 from cave.db.migrate import head_revision, upgrade
 from cave.db.scoping import ADMIN, NOBODY, Scope, ScopedSession, bind_scope
 from cave.db.settings import DatabaseSettings
-from cave.db.sqlite import create_sqlite_engine, startup_lock
+from cave.db.sqlite import READ_ONLY_OPTION, create_sqlite_engine, startup_lock
 from cave.errors import DatabaseUnavailableError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,13 @@ class Database:
         self._postgres = engine.dialect.name == "postgresql"
         self._sessions = async_sessionmaker(
             engine, expire_on_commit=False, sync_session_class=ScopedSession
+        )
+        # Reads need no write lock: on SQLite they begin DEFERRED and, in WAL mode, never wait
+        # for a writer (see sqlite.py); on PostgreSQL the option changes nothing.
+        self._read_sessions = async_sessionmaker(
+            engine.execution_options(**{READ_ONLY_OPTION: True}),
+            expire_on_commit=False,
+            sync_session_class=ScopedSession,
         )
 
     @classmethod
@@ -83,11 +90,20 @@ class Database:
             raise InvalidArgumentError(f"namespace id must be a non-empty string: {namespace_id!r}")
         return self._transaction(Scope(namespace_id=namespace_id))
 
+    def read_session(self, namespace_id: str | None) -> AbstractAsyncContextManager[AsyncSession]:
+        """A transaction for reading only (the admin's when namespace_id is None): it does not
+        queue behind writers. Writing in it is a bug (SQLite may refuse with "busy")."""
+        scope = ADMIN if namespace_id is None else Scope(namespace_id=namespace_id)
+        return self._transaction(scope, read_only=True)
+
     @asynccontextmanager
-    async def _transaction(self, scope: Scope) -> AsyncIterator[AsyncSession]:
+    async def _transaction(
+        self, scope: Scope, read_only: bool = False
+    ) -> AsyncIterator[AsyncSession]:
         # Commits once when the block ends, rolls back when anything escapes it.
+        sessions = self._read_sessions if read_only else self._sessions
         with translate_errors():
-            async with self._sessions() as session:
+            async with sessions() as session:
                 bind_scope(session.sync_session, scope)
                 async with session.begin():
                     if self._postgres:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -79,8 +80,8 @@ class SandboxRow(NamespaceOwned, Base):
     stopped_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]  # started_at + ttl; the reaper stops it then
-    ttl_s: Mapped[float | None]
-    idle_timeout_s: Mapped[float | None]
+    ttl_s: Mapped[float | None] = mapped_column(Float)
+    idle_timeout_s: Mapped[float | None] = mapped_column(Float)
     last_active_at: Mapped[datetime | None]  # written in batches, not per exec
     failure: Mapped[str | None] = mapped_column(Text)
     # The sandbox's own API key: its id, and its plaintext sealed with CAVE_SECRET_KEY (AES-GCM,

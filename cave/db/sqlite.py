@@ -20,6 +20,7 @@ from cave.errors import ConfigError, DatabaseUnavailableError
 # How long a process waits for another one to finish creating or migrating the file.
 STARTUP_WAIT_S = 60.0
 _POLL_S = 0.05
+READ_ONLY_OPTION = "cave_read_only"  # an execution option: begin DEFERRED, not IMMEDIATE
 
 
 def create_sqlite_engine(settings: DatabaseSettings) -> AsyncEngine:
@@ -50,8 +51,10 @@ def create_sqlite_engine(settings: DatabaseSettings) -> AsyncEngine:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
         # IMMEDIATE takes the write lock up front: a read-then-write transaction cannot fail
-        # half-way with SQLITE_BUSY, writers queue on busy_timeout instead.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # half-way with SQLITE_BUSY, writers queue on busy_timeout instead. A read-only
+        # transaction begins DEFERRED: in WAL mode it reads a snapshot without any lock.
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
