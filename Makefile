@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := bubblewrap libseccomp2 libseccomp-dev iproute2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-TYPED_PACKAGES := cave actors config cluster
+TYPED_PACKAGES := cave actors config cluster deployments inference
 
 .PHONY: help install system-deps run down test lint bench clean
 

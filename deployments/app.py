@@ -12,11 +12,13 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from starlette.routing import Route
 
 from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
 from deployments.errors import RequestIdMiddleware, install_error_handlers
 from deployments.logs import configure_logging
+from deployments.mcp import build_mcp_app
 from deployments.metrics import ApiMetrics, install_metrics
 from deployments.routes import exec as exec_routes
 from deployments.routes import files, health, keys, sandboxes
@@ -56,8 +58,13 @@ def create_api(env: Mapping[str, str] | None = None, replica: str = "") -> FastA
         metrics.set_sandbox_counter(services.sandboxes.count_by_state)
         upkeep = Upkeep(services, {**os.environ, **(env or {})})
         upkeep.start()
+        # The MCP app needs the services, so it joins the routes here, before any request.
+        # A Route, not a Mount: a Mount would redirect /mcp to /mcp/.
+        mcp_app, mcp_lifespan = build_mcp_app(services.sandboxes, services.authenticate)
+        app.router.routes.append(Route("/mcp", mcp_app))
         try:
-            yield
+            async with mcp_lifespan():
+                yield
         finally:
             await upkeep.stop()
             await services.close()

@@ -15,12 +15,11 @@ def poll_until(
     """Call `check` until it returns something truthy (returned), failing past the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
+        last: Exception | None = None
         try:
             value = check()
         except (OSError, ConnectionError) as exc:  # a server not listening yet
             value, last = None, exc  # type: ignore[assignment]
-        else:
-            last = None
         if value:
             return value
         assert time.monotonic() < deadline, f"{what}: not reached within {timeout_s}s ({last})"
