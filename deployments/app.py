@@ -24,6 +24,7 @@ from deployments.routes import exec as exec_routes
 from deployments.routes import files, health, keys, sandboxes
 from deployments.schemas import CreateSandboxRequest, ExecRequest
 from deployments.services import Services
+from deployments.tracing import install_tracing, load_sampling_rate, setup_tracing
 
 log = logging.getLogger("cave.api")
 REQUEST_BODIES: dict[str, type[BaseModel]] = {"create": CreateSandboxRequest, "run": ExecRequest}
@@ -50,13 +51,15 @@ APP_NAME = "cave"
 def create_api(env: Mapping[str, str] | None = None, replica: str = "") -> FastAPI:
     """The app; its services start with it (lifespan) from `env` over os.environ."""
     metrics = ApiMetrics()
+    merged_env = {**os.environ, **(env or {})}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await Services.start(env, replica)
         app.state.services = services
         metrics.set_sandbox_counter(services.sandboxes.count_by_state)
-        upkeep = Upkeep(services, {**os.environ, **(env or {})})
+        services.sandboxes.exec_observer = metrics.observe_exec
+        upkeep = Upkeep(services, merged_env)
         upkeep.start()
         # The MCP app needs the services, so it joins the routes here, before any request.
         # A Route, not a Mount: a Mount would redirect /mcp to /mcp/.
@@ -80,6 +83,7 @@ def create_api(env: Mapping[str, str] | None = None, replica: str = "") -> FastA
     for module in (sandboxes, exec_routes, files, keys, health):
         app.include_router(module.router)
     install_metrics(app, metrics)
+    install_tracing(app, setup_tracing("cave-api", load_sampling_rate(merged_env), env=merged_env))
     app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line has an id
     return app
 

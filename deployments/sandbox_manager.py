@@ -33,6 +33,7 @@ from deployments.exec_records import ExecRecorder
 from deployments.sandbox_ops import Live, SandboxOps
 from deployments.sandbox_views import decode_cursor, encode_cursor, sandbox_out
 from deployments.schemas import CreatedSandboxOut, CreateSandboxRequest, SandboxOut, SandboxPage
+from deployments.tracing import span
 
 DEFAULT_NAMESPACE = "default"
 MAX_PAGE = 200
@@ -115,7 +116,8 @@ class SandboxManager(SandboxOps):
             return await self._load(principal, row.id)  # another request is starting it
         limits = SandboxLimits.model_validate(row.limits)
         try:
-            actor, info = await remote.create(row.id, limits, self.settings)
+            with span("sandbox.start", sandbox_id=row.id):
+                actor, info = await remote.create(row.id, limits, self.settings)
         except CaveError as exc:
             await self._set(row.id, state="failed", failure=str(exc))
             await self._audit(principal, "sandbox.start", row, {"error": exc.code}, "error")
@@ -151,7 +153,8 @@ class SandboxManager(SandboxOps):
             # Another request is stopping it: answer with the outcome of that stop.
             return await self._settled(principal, await self._load(principal, row.id))
         live = self.live.pop(row.id, None)
-        await remote.stop(row.id, live.actor if live else None)
+        with span("sandbox.stop", sandbox_id=row.id, reason=reason):
+            await remote.stop(row.id, live.actor if live else None)
         self.active.pop(row.id, None)
         row = await self._set(row.id, state="stopped", stopped_at=utcnow(), expires_at=None)
         await self._audit(principal, "sandbox.stop", row, {"reason": reason})

@@ -20,8 +20,10 @@ from cave.auth.keys import Principal
 from cave.db import Database, ExecutionRow, SandboxRow, new_id, utcnow
 from cave.errors import PayloadTooLargeError, SandboxNotFoundError, SandboxStateError
 from deployments.exec_records import ExecRecorder
+from deployments.metrics import ExecOutcome, exec_outcome
 from deployments.sandbox_views import exec_out, file_entry_out
 from deployments.schemas import ExecEvent, ExecOut, ExecRequest, FileList, FileWritten
+from deployments.tracing import span
 
 T = TypeVar("T")
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one PUT; bigger files go in pieces (append is a later feature)
@@ -41,6 +43,7 @@ class SandboxOps:
         self.db = db
         self.audit = audit
         self.recorder = recorder
+        self.exec_observer: Callable[[ExecOutcome, float], None] | None = None  # metrics
         self.live: dict[str, Live] = {}
         self.active: dict[str, datetime] = {}  # last exec or file call, flushed in batches
         self.busy: dict[str, int] = {}  # calls running now: a sandbox is not idle during one
@@ -115,12 +118,13 @@ class SandboxOps:
     async def run(self, principal: Principal, sandbox_id: str, request: ExecRequest) -> ExecOut:
         argv, kwargs = _exec_args(request)
         started = utcnow()
-        live, output = await self._on_actor(
-            principal,
-            sandbox_id,
-            "sandboxes:write",
-            lambda actor: remote.run(actor, sandbox_id, argv, **kwargs),
-        )
+        with span("sandbox.exec", sandbox_id=sandbox_id):
+            live, output = await self._on_actor(
+                principal,
+                sandbox_id,
+                "sandboxes:write",
+                lambda actor: remote.run(actor, sandbox_id, argv, **kwargs),
+            )
         digest = _Digest()
         digest.add("stdout", output.stdout)
         digest.add("stderr", output.stderr)
@@ -178,6 +182,11 @@ class SandboxOps:
         digest: _Digest,
     ) -> str:
         """The execution record and its audit event, written together (in a batch)."""
+        if self.exec_observer is not None:
+            outcome = exec_outcome(
+                exit_code=result.exit_code, timed_out=result.timed_out, oom_killed=result.oom_killed
+            )
+            self.exec_observer(outcome, result.duration_ms / 1000)
         row = ExecutionRow(
             id=new_id(),
             sandbox_id=sandbox_id,
