@@ -11,7 +11,7 @@ APT_PACKAGES := bubblewrap libseccomp2 libseccomp-dev iproute2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 TYPED_PACKAGES := cave actors config cluster deployments inference
 
-.PHONY: help install system-deps run down test lint bench clean
+.PHONY: help install system-deps run down test lint bench clean api-schema
 
 help: ## List the targets with a one-line description
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) \
@@ -65,6 +65,9 @@ bench: install ## Run every bench/*.py with the venv python
 		echo "== $$script"; \
 		$(BIN)/python "$$script"; \
 	done
+
+api-schema: install ## Write docs/openapi.json from the app (test_openapi fails when it is stale)
+	$(BIN)/python -m deployments.openapi docs/openapi.json
 
 clean: ## Remove caches and build leftovers (keeps .venv)
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -145,12 +145,18 @@ class CreateKeyRequest(_Body):
     namespace: Namespace | None = None
     scopes: list[Scope] = Field(default_factory=list)
     name: str = Field("", max_length=128)
-    ttl_s: float | None = Field(None, gt=0, description="The key expires this long after creation.")
+    # Bounded so that a huge value is a 422, not an overflowing datetime (500).
+    ttl_s: float | None = Field(
+        None, gt=0, le=10 * 365 * 86400, description="The key expires this long after creation."
+    )
 
 
 class RotateKeyRequest(_Body):
     grace_s: float | None = Field(
-        None, ge=0, description="How long the old key keeps working (default from settings)."
+        None,
+        ge=0,
+        le=30 * 86400,
+        description="How long the old key keeps working (default from settings).",
     )
 
 

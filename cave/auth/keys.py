@@ -21,6 +21,8 @@ SCOPES = frozenset(
     {"sandboxes:read", "sandboxes:write", "keys:read", "keys:write", "llm:request", "audit:read"}
 )
 ROTATED_TOPIC = "key.rotated"
+MAX_TTL_S = 10 * 365 * 86400.0  # past this a datetime overflows long before the key matters
+MAX_GRACE_S = 30 * 86400.0
 CACHE_TTL_S = 5.0  # how long another process's revocation may take to reach this one
 
 
@@ -182,8 +184,10 @@ class KeyService:
         new key, the old key's grace, the rotation event and its outbox message; of two
         concurrent rotations of one key exactly one wins, the other gets a ConflictError."""
         grace = self.settings.rotation_grace_s if grace_s is None else grace_s
-        if grace < 0:
-            raise InvalidArgumentError(f"grace_s must be >= 0, got {grace}")
+        if not 0 <= grace <= MAX_GRACE_S:
+            raise InvalidArgumentError(
+                f"grace_s must be >= 0 and at most {MAX_GRACE_S:.0f}, got {grace}"
+            )
         async with self._scoped(namespace_id) as session:
             old = await _get(session, key_id)
             until = utcnow() + timedelta(seconds=grace)
@@ -300,8 +304,8 @@ def _check_new_key(
     unknown = sorted(set(scopes) - SCOPES)
     if unknown:
         raise InvalidArgumentError(f"unknown scopes {unknown}; known: {sorted(SCOPES)}")
-    if ttl_s is not None and ttl_s <= 0:
-        raise InvalidArgumentError(f"ttl_s must be > 0, got {ttl_s}")
+    if ttl_s is not None and not 0 < ttl_s <= MAX_TTL_S:
+        raise InvalidArgumentError(f"ttl_s must be > 0 and at most {MAX_TTL_S:.0f}, got {ttl_s}")
 
 
 def _rotation_message(

@@ -22,10 +22,19 @@ from deployments.schemas import ErrorBody, ExecEvent, ExecOut, ExecRequest
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["exec"], responses=ERROR_RESPONSES)
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
+# Inline, since FastAPI lists in components only the models routes name; what ExecEvent refers
+# to (ExecOut, ErrorBody) is there already, so its `$defs` go and its refs point at components.
+_EXEC_EVENT_SCHEMA = {
+    k: v
+    for k, v in ExecEvent.model_json_schema(
+        ref_template="#/components/schemas/{model}", mode="serialization"
+    ).items()
+    if k != "$defs"
+}
 _STREAM_DOC = {
     "description": "The result, or a stream of ExecEvents when asked for by `Accept`.",
     "content": {
-        NDJSON: {"schema": {"$ref": "#/components/schemas/ExecEvent"}},
+        NDJSON: {"schema": _EXEC_EVENT_SCHEMA},
         SSE: {"schema": {"type": "string"}},
     },
 }
