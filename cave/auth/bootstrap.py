@@ -1,4 +1,4 @@
-"""The first admin key of a deployment, made by `cave up` (or an operator) straight in the database."""
+"""The first admin key of a deployment, made by `cave up` (or an operator) in the database."""
 
 from __future__ import annotations
 
