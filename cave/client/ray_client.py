@@ -58,7 +58,9 @@ class RayCave:
     def delete(self, sandbox_id: str) -> None:
         self._call("delete", sandbox_id)
 
-    def exec(self, sandbox_id: str, command: str | builtins.list[str], **options: Any) -> dict[str, Any]:
+    def exec(
+        self, sandbox_id: str, command: str | builtins.list[str], **options: Any
+    ) -> dict[str, Any]:
         """Run to completion: exit_code, stdout, stderr, ... as in ExecOut."""
         result: dict[str, Any] = self._call("run", sandbox_id, {"command": command, **options})
         return result
