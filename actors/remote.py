@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError, RayTaskError
+from ray.exceptions import (
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+    RaySystemError,
+    RayTaskError,
+)
 
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.sandbox_actor import ExecOutput, SandboxInfo
@@ -18,6 +24,7 @@ from cave.errors import CaveError, SandboxError, SandboxNotFoundError, SandboxSt
 from config.settings import SandboxLimits, Settings
 
 T = TypeVar("T")
+PROBE_TIMEOUT_S = 5.0
 
 
 @contextmanager
@@ -67,6 +74,37 @@ async def lookup(sandbox_id: str) -> ActorHandle | None:
 async def known_ids() -> set[str]:
     ids: list[str] = await directory().ids.remote()
     return set(ids)
+
+
+async def dead_ids(sandbox_ids: Iterable[str], timeout_s: float = PROBE_TIMEOUT_S) -> set[str]:
+    """Those of these sandboxes that the directory does not know or whose actors Ray reports
+    dead (killed, crashed, node gone). A slow or briefly unreachable actor is not dead.
+    The directory is asked for each actor, not a cache: another replica may have restarted one."""
+    wanted = set(sandbox_ids)
+    known = await known_ids()
+    probed = sorted(wanted & known)
+    dead = await asyncio.gather(*(_is_dead(sid, timeout_s) for sid in probed))
+    return (wanted - known) | {sid for sid, gone in zip(probed, dead, strict=True) if gone}
+
+
+async def _is_dead(sandbox_id: str, timeout_s: float) -> bool:
+    actor = await lookup(sandbox_id)
+    if actor is None:
+        return True
+    try:
+        await asyncio.wait_for(actor.__ray_ready__.remote(), timeout_s)
+    except ActorUnavailableError:
+        return False  # unreachable for now (a network blip, a restarting node): ask again later
+    except RayActorError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+async def forget(sandbox_id: str) -> None:
+    """Drop a dead sandbox's directory entry, so that nothing tries its actor again."""
+    await directory().remove.remote(sandbox_id)
 
 
 async def stop(sandbox_id: str, actor: ActorHandle | None) -> SandboxInfo | None:

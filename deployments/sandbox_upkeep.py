@@ -91,6 +91,9 @@ async def reconcile(manager: SandboxManager) -> list[str]:
 
 
 async def _mark_lost(manager: SandboxManager, sandbox_id: str, state: str) -> None:
+    # The dead actor's entry goes first: once the record says `lost`, a start may register a
+    # new actor under this id, which a later removal would wrongly drop.
+    await remote.forget(sandbox_id)
     async with manager.db.admin_session() as session:
         result = await session.execute(
             update(SandboxRow)
@@ -104,5 +107,4 @@ async def _mark_lost(manager: SandboxManager, sandbox_id: str, state: str) -> No
         )
     if result.rowcount == 1:  # type: ignore[attr-defined]
         manager.live.pop(sandbox_id, None)
-        await remote.forget(sandbox_id)
         log.warning("sandbox %s is lost: its actor is gone", sandbox_id)
