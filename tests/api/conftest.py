@@ -34,8 +34,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def api_env(root: Path, state_dir: Path) -> dict[str, str]:
-    return {
+def api_env(root: Path, state_dir: Path, url: str = "") -> dict[str, str]:
+    env = {
         "BKG_DB_PATH": str(root / "cave.db"),
         "CAVE_SECRETS_DIR": str(root / "secrets"),
         "CAVE_STATE_DIR": str(state_dir),
@@ -46,6 +46,9 @@ def api_env(root: Path, state_dir: Path) -> dict[str, str]:
         "CAVE_UPKEEP_INTERVAL_S": "0.2",
         "CAVE_ROTATION_WEBHOOK_SECRET": "test-webhook-secret",
     }
+    if url:  # the API delivers its rotation webhooks to its own receiver
+        env["CAVE_ROTATION_WEBHOOK_URL"] = f"{url}/api/v1/auth/keys/rotated"
+    return env
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +60,9 @@ def api_server(
     from cave.auth.bootstrap import create_admin_key
     from deployments.app import APP_NAME, build_app
 
-    env = api_env(tmp_path_factory.mktemp("api"), cave_state_dir)
-    admin_key = asyncio.run(create_admin_key({**os.environ, **env}))
     port = free_port()
+    env = api_env(tmp_path_factory.mktemp("api"), cave_state_dir, f"http://127.0.0.1:{port}")
+    admin_key = asyncio.run(create_admin_key({**os.environ, **env}))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"env": env}), name=APP_NAME, route_prefix="/")
     server = ApiServer(f"http://127.0.0.1:{port}", admin_key, env)

@@ -48,7 +48,8 @@ def test_ttl_stops_the_sandbox(api_server: ApiServer) -> None:
         ran = client.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": "true"})
         assert ran.status_code == 409
         assert ran.json()["error"]["code"] == "sandbox_state"
-        assert stop_reasons(api_server, sid) == ["ttl"]
+        # The audit event follows the state change: poll for it.
+        assert poll_until(lambda: stop_reasons(api_server, sid), 10, "audit") == ["ttl"]
         assert client.delete(f"/api/v1/sandboxes/{sid}").status_code == 204
 
 
@@ -63,7 +64,7 @@ def test_idle_timeout_spares_a_running_exec_then_stops(api_server: ApiServer) ->
         assert ran.status_code == 200, ran.text
         assert (ran.json()["exit_code"], ran.json()["stdout"]) == (0, "done\n")
         state_becomes(client, sid, "stopped")
-        assert stop_reasons(api_server, sid) == ["idle"]
+        assert poll_until(lambda: stop_reasons(api_server, sid), 10, "audit") == ["idle"]
         ran = client.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": "true"})
         assert ran.status_code == 409
         assert client.delete(f"/api/v1/sandboxes/{sid}").status_code == 204
