@@ -41,6 +41,7 @@ _MOVING = ("starting", "stopping")
 SETTLE_WAIT_S = 30.0  # a start or stop takes seconds; the reconciler clears a stuck one later
 SETTLE_POLL_S = 0.05
 _STARTABLE = ("created", "stopped", "failed", "lost")
+_DELETABLE = ("created", "stopped", "failed", "lost")
 
 
 class SandboxManager(SandboxOps):
@@ -175,7 +176,8 @@ class SandboxManager(SandboxOps):
         row = await self._stop(principal, await self._load(principal, sandbox_id), "deleted")
         if row.state in ("starting", "stopping"):
             raise_state(row, "delete")
-        await self._set(row.id, state="deleted")
+        if not await self._transition(row.id, _DELETABLE, "deleted"):
+            return  # a concurrent delete won: it revokes and audits, once
         if row.api_key_id is not None:
             await self.keys.revoke(row.api_key_id, actor=principal.key_id)
         await self._audit(principal, "sandbox.delete", row, {})

@@ -97,3 +97,24 @@ def test_concurrent_stops_of_one_sandbox(api_server: ApiServer, sandbox_ids: lis
         again = client.post(f"/api/v1/sandboxes/{target}/stop")
         assert (again.status_code, again.json()["state"]) == (200, "stopped")
     assert len(stop_events(api_server, target)) == 1  # stopping a stopped sandbox is no event
+
+
+def test_concurrent_deletes_of_one_sandbox(api_server: ApiServer) -> None:
+    with api_server.client() as client:
+        target = client.post("/api/v1/sandboxes", json={"name": "deleted-five-times"}).json()["id"]
+
+    async def delete_all() -> list[httpx.Response]:
+        async with async_client(api_server) as client:
+            return await asyncio.gather(
+                *(client.delete(f"/api/v1/sandboxes/{target}") for _ in range(5))
+            )
+
+    statuses = [r.status_code for r in asyncio.run(delete_all())]
+    # The first delete wins; the others find it being deleted (204) or already gone (404).
+    assert 204 in statuses and set(statuses) <= {204, 404}, statuses
+    with sqlite3.connect(api_server.env["BKG_DB_PATH"]) as db:
+        deletes = db.execute(
+            "SELECT count(*) FROM audit_events WHERE target = ? AND action = 'sandbox.delete'",
+            (target,),
+        ).fetchone()[0]
+    assert deletes == 1
