@@ -59,12 +59,17 @@ lint: install ## ruff check, ruff format --check and mypy
 	$(BIN)/mypy $(TYPED_PACKAGES) || rc=1; \
 	exit $$rc
 
-bench: install ## Run every bench/*.py with the venv python
+BENCH_HELPERS := __init__ common http_load api_cave
+
+bench: install ## Run every bench script (each prints its figures next to its baseline)
 	@for script in bench/*.py; do \
-		[ -e "$$script" ] || continue; \
-		echo "== $$script"; \
-		$(BIN)/python "$$script"; \
+		name=$$(basename "$$script" .py); \
+		case " $(BENCH_HELPERS) " in *" $$name "*) continue;; esac; \
+		echo "== bench.$$name"; \
+		$(BIN)/python -m "bench.$$name"; \
 	done
+	@echo "== bench.api_ingress (CAVE API)"
+	$(BIN)/python -m bench.api_ingress --target bench.api_cave:CAVE
 
 api-schema: install ## Write docs/openapi.json from the app (test_openapi fails when it is stale)
 	$(BIN)/python -m deployments.openapi docs/openapi.json

@@ -15,6 +15,7 @@ from ray import serve
 
 from cave.auth.bootstrap import create_admin_key
 from cave.errors import ConfigError
+from cluster.ingress import listen_ports
 from deployments.app import APP_NAME, build_app
 
 API_FILE = "api.json"
@@ -44,7 +45,7 @@ def api_env(env: Mapping[str, str], cwd: Path) -> dict[str, str]:
 def api_port(env: Mapping[str, str]) -> int:
     raw = env.get("CAVE_API_PORT")
     if raw is None:
-        return DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+        return DEFAULT_PORT if _port_free(DEFAULT_PORT) else listen_ports(1)[0]
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise ConfigError(f"CAVE_API_PORT={raw!r}: expected a TCP port number")
     return int(raw)
@@ -106,8 +107,3 @@ def _port_free(port: int) -> bool:
             return False
     return True
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-d
 from actors.sandboxes import stop_all
 from actors.warm_pool import NAMESPACE
 from cave.errors import CaveError
+from cluster.ingress import ingress_env
 
 STATE_FILE = "cluster.json"
 LOG_FILE = "ray.log"
@@ -84,7 +86,8 @@ def start_local_cluster(state_dir: Path, num_cpus: int | None = None) -> Cluster
     log, token = state_dir / LOG_FILE, _write_token(state_dir / TOKEN_FILE)
     info = ClusterInfo(f"127.0.0.1:{gcs}", 0, 0, str(log), str(token))
     # No drain on SIGTERM: `cave down` has already emptied the cluster, so teardown is immediate.
-    env = {**_child_env(info), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    ingress = ingress_env(os.environ, ingress_files(info))
+    env = {**_child_env(info), **ingress, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with log.open("wb") as out:
         argv = [sys.executable, "-m", "ray.scripts.scripts", *RAY_START, *flags.split()]
         proc = subprocess.Popen(
@@ -112,6 +115,7 @@ def stop_local_cluster(state_dir: Path) -> bool:
         _terminate(info)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     Path(info.token_path).unlink(missing_ok=True)
+    shutil.rmtree(ingress_files(info), ignore_errors=True)
     return found
 
 
@@ -186,6 +190,11 @@ def _write_token(path: Path) -> Path:
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
         out.write(secrets.token_hex(32))
     return path
+
+
+def ingress_files(info: ClusterInfo) -> Path:
+    """HAProxy's config and sockets: short (unix socket paths), one directory per cluster."""
+    return Path(f"/tmp/cave-haproxy-{info.port}")
 
 
 def _child_env(info: ClusterInfo) -> dict[str, str]:

@@ -14,6 +14,11 @@ import pytest
 def ray_cluster(cave_state_dir: Path) -> Iterator[None]:
     import ray
 
+    from cluster.ingress import ingress_env
+
+    # Serve's ingress settings must be in the environment of the processes ray.init starts.
+    files = Path(f"/tmp/cave-haproxy-test-{os.getpid()}")
+    os.environ.update(ingress_env(os.environ, files))
     # address="local": never attach to a `cave up` cluster that may run on this machine.
     ray.init(
         address="local", num_cpus=8, include_dashboard=False, namespace="cave", log_to_driver=False
@@ -24,6 +29,7 @@ def ray_cluster(cave_state_dir: Path) -> Iterator[None]:
     stop_all()  # spares and sandboxes release their cgroups and directories before Ray goes
     ray.shutdown()
     shutil.rmtree(cave_state_dir, ignore_errors=True)
+    shutil.rmtree(files, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import secrets
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster.ingress import listen_ports
 from tests.support import poll_until
 
 
@@ -27,11 +27,6 @@ class ApiServer:
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def api_env(root: Path, state_dir: Path, url: str = "") -> dict[str, str]:
@@ -60,7 +55,7 @@ def api_server(
     from cave.auth.bootstrap import create_admin_key
     from deployments.app import APP_NAME, build_app
 
-    port = free_port()
+    port = listen_ports(1)[0]  # below the ephemeral range: nothing outgoing can take it
     env = api_env(tmp_path_factory.mktemp("api"), cave_state_dir, f"http://127.0.0.1:{port}")
     admin_key = asyncio.run(create_admin_key({**os.environ, **env}))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
