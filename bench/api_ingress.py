@@ -96,7 +96,9 @@ class Bench(contextlib.ExitStack):
     def start_cluster(self, name: str) -> None:
         from cluster.local import start_local_cluster, stop_local_cluster
 
-        env = {"PYTHONPATH": _pythonpath()}  # replicas import the target's modules from here
+        # Each setup's ingress is set here, exactly: "serve" keeps start_local_cluster from
+        # adding its own default (HAProxy, tuned) on top.
+        env = {"PYTHONPATH": _pythonpath(), "CAVE_INGRESS": "serve"}
         if name.startswith("haproxy"):
             ports = listen_ports(4)
             files = Path(f"/tmp/cave-haproxy-{ports[0]}")
