@@ -21,7 +21,7 @@ from deployments.logs import configure_logging
 from deployments.mcp import build_mcp_app
 from deployments.metrics import ApiMetrics, install_metrics
 from deployments.routes import exec as exec_routes
-from deployments.routes import files, health, keys, sandboxes
+from deployments.routes import files, health, keys, llm, sandboxes
 from deployments.schemas import CreateSandboxRequest, ExecRequest
 from deployments.services import Services
 from deployments.tracing import install_tracing, load_sampling_rate, setup_tracing
@@ -48,14 +48,19 @@ API_VERSION = "0.1.0"
 APP_NAME = "cave"
 
 
-def create_api(env: Mapping[str, str] | None = None, replica: str = "") -> FastAPI:
-    """The app; its services start with it (lifespan) from `env` over os.environ."""
+def create_api(
+    env: Mapping[str, str] | None = None,
+    replica: str = "",
+    engines: Mapping[str, Any] | None = None,
+) -> FastAPI:
+    """The app; its services start with it (lifespan) from `env` over os.environ. `engines`:
+    model id -> Serve handle of its ModelEngine deployment."""
     metrics = ApiMetrics()
     merged_env = {**os.environ, **(env or {})}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await Services.start(env, replica)
+        services = await Services.start(env, replica, engines)
         app.state.services = services
         metrics.set_sandbox_counter(services.sandboxes.count_by_state)
         services.sandboxes.exec_observer = metrics.observe_exec
@@ -80,7 +85,7 @@ def create_api(env: Mapping[str, str] | None = None, replica: str = "") -> FastA
     )
     install_error_handlers(app, metrics.count_error)
     app.state.metrics = metrics
-    for module in (sandboxes, exec_routes, files, keys, health):
+    for module in (sandboxes, exec_routes, files, keys, llm, health):
         app.include_router(module.router)
     install_metrics(app, metrics)
     install_tracing(app, setup_tracing("cave-api", load_sampling_rate(merged_env), env=merged_env))

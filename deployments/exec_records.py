@@ -16,7 +16,7 @@ from typing import Literal
 
 from cave.audit.event import AuditEvent
 from cave.audit.trail import AuditTrail
-from cave.db import ExecutionRow
+from cave.db import Base
 from cave.env import parse_choice
 from cave.errors import ConfigError
 
@@ -40,14 +40,14 @@ class ExecRecorder:
     def __init__(self, audit: AuditTrail, mode: Mode = "async") -> None:
         self.audit = audit
         self.mode = mode
-        self._queue: list[tuple[ExecutionRow | None, AuditEvent, asyncio.Future[None] | None]] = []
+        self._queue: list[tuple[Base | None, AuditEvent, asyncio.Future[None] | None]] = []
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def record(self, event: AuditEvent, row: ExecutionRow | None = None) -> None:
+    async def record(self, event: AuditEvent, row: Base | None = None) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="cave-exec-records")
         while len(self._queue) >= MAX_QUEUED:
@@ -73,7 +73,7 @@ class ExecRecorder:
                 await self._write(batch)
 
     async def _write(
-        self, batch: list[tuple[ExecutionRow | None, AuditEvent, asyncio.Future[None] | None]]
+        self, batch: list[tuple[Base | None, AuditEvent, asyncio.Future[None] | None]]
     ) -> None:
         error: BaseException | None = None
         try:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cave.audit.scrub import ScrubFilter
 from cave.audit.settings import load_audit_settings
@@ -20,8 +21,10 @@ from cave.db import Database, load_database_settings
 from cave.errors import AuthError
 from config.settings import Settings, load_settings
 from deployments.exec_records import ExecRecorder, load_mode
+from deployments.llm_services import LlmServices
 from deployments.sandbox_manager import SandboxManager
 from deployments.sandbox_upkeep import flush_activity
+from inference.llm_settings import load_llm_settings
 
 log = logging.getLogger("cave.api")
 
@@ -34,15 +37,23 @@ class Services:
     keys: KeyService
     audit: AuditTrail
     sandboxes: SandboxManager
+    llm: LlmServices
     log_writer: AuditLogWriter | None = None
     replay_guard: ReplayGuard = field(default_factory=ReplayGuard)
 
     @classmethod
-    async def start(cls, env: Mapping[str, str] | None = None, replica: str = "") -> Services:
-        """Every setting is checked before anything connects; a bad one is a ConfigError."""
+    async def start(
+        cls,
+        env: Mapping[str, str] | None = None,
+        replica: str = "",
+        engines: Mapping[str, Any] | None = None,
+    ) -> Services:
+        """Every setting is checked before anything connects; a bad one is a ConfigError.
+        `engines` maps model ids to the Serve handles of their engines."""
         env = {**os.environ, **(env or {})}
         settings = load_settings(env)
         auth = load_auth_settings(env)
+        llm_settings = load_llm_settings(env)
         audit_settings = load_audit_settings(env)
         if audit_settings.enabled and replica:
             # One writer per log file: each replica signs its own chain (`<log>.<replica>.jsonl`).
@@ -58,7 +69,8 @@ class Services:
         keys = KeyService(db, auth, audit)
         recorder = ExecRecorder(audit, load_mode(env))
         manager = SandboxManager(settings, db, keys, audit, recorder)
-        return cls(settings, auth, db, keys, audit, manager, writer)
+        llm = await LlmServices.start(llm_settings, db, auth, audit, recorder, engines or {})
+        return cls(settings, auth, db, keys, audit, manager, llm, writer)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization: Bearer <key>` header value."""
@@ -70,6 +82,7 @@ class Services:
         return await self.keys.authenticate(token.strip())
 
     async def close(self) -> None:
+        await self.llm.close()
         await self.sandboxes.recorder.close()
         try:
             await self.keys.flush_last_used()

@@ -15,6 +15,7 @@ from cave.db.models import (
     NamespaceRow,
     OutboxRow,
     SandboxRow,
+    SigningKeyRow,
     UsageEventRow,
 )
 from cave.db.scoping import Scope, scope_of
@@ -37,6 +38,7 @@ __all__ = [
     "OutboxRow",
     "SandboxRow",
     "Scope",
+    "SigningKeyRow",
     "UsageEventRow",
     "head_revision",
     "load_database_settings",

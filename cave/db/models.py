@@ -263,3 +263,18 @@ class UsageEventRow(NamespaceOwned, Base):
     duration_ms: Mapped[int]
     served_by: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SigningKeyRow(Base):
+    """An Ed25519 key that signs model-access tokens; the admin's alone (RLS on PostgreSQL)."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(Id, primary_key=True)
+    algorithm: Mapped[str] = mapped_column(String(16), default="EdDSA")
+    public_key: Mapped[str] = mapped_column(Text)  # the raw 32 bytes in base64url: the JWK's "x"
+    # The raw private key, sealed with CAVE_SECRET_KEY (AES-GCM) and bound to the kid.
+    sealed_private_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    retired_at: Mapped[datetime | None]  # signs no more
+    expires_at: Mapped[datetime | None]  # verifies no more: every token it signed has expired

@@ -13,7 +13,7 @@ from sqlalchemy import event, false
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction, with_loader_criteria
 
-from cave.db.models import Base, NamespaceOwned, NamespaceRow, OutboxRow
+from cave.db.models import Base, NamespaceOwned, NamespaceRow, OutboxRow, SigningKeyRow
 from cave.errors import NamespaceMismatchError
 
 _SCOPE_KEY = "cave.scope"
@@ -59,12 +59,13 @@ def _filter_reads(state: ORMExecuteState) -> None:
 def _criteria(namespace: str | None) -> list[Any]:
     if namespace is None:
         # `namespace_id == None` would compile to IS NULL and show admin keys: deny outright.
-        rows: list[type[Any]] = [*_owned_rows(), NamespaceRow, OutboxRow]
+        rows: list[type[Any]] = [*_owned_rows(), NamespaceRow, OutboxRow, SigningKeyRow]
         return [_where(row, false()) for row in rows]
     return [
         *(_where(row, row.namespace_id == namespace) for row in _owned_rows()),
         _where(NamespaceRow, NamespaceRow.id == namespace),
         _where(OutboxRow, false()),
+        _where(SigningKeyRow, false()),
     ]
 
 
@@ -101,6 +102,8 @@ def _owner(row: object, *, is_new: bool) -> object:
         return getattr(row, "namespace_id", None)
     if isinstance(row, NamespaceRow):
         return row.id
+    if isinstance(row, SigningKeyRow):
+        return None  # the admin's alone: sealed private keys
     if isinstance(row, OutboxRow):
         # Any transaction may enqueue an event (e.g. a key rotation); only the admin reads them.
         return _ANYONE if is_new else None

@@ -72,6 +72,7 @@ async def test_the_app_role_cannot_bypass_rls(db: Database, target: Target) -> N
         "namespaces",
         "outbox",
         "sandboxes",
+        "signing_keys",
         "usage_events",
     ]
 

@@ -1,0 +1,181 @@
+"""The chat path: verify the model-access key, pick the engine, stream OpenAI chunks, meter use.
+
+Nothing here touches the database before the first token: the key is checked against the
+signing keys and the revocation set held in memory, and the usage record is written after the
+stream ends, in the replica's batch (deployments/exec_records.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cave.audit.event import AuditEvent
+from cave.db import UsageEventRow, new_id
+from cave.errors import AuthError, InferenceUnavailableError, InvalidArgumentError
+from deployments.exec_records import ExecRecorder
+from deployments.llm_schemas import ChatCompletionIn
+
+NAMESPACE_HEADER = "x-cave-namespace"
+CHAT_SCOPE = "llm:chat"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: int | None = None
+    duration_ms: int = 0
+    finish_reason: str = "stop"
+
+
+class ChatGateway:
+    """One replica's chat path. `engines` maps a model id to a Serve handle of a ModelEngine."""
+
+    def __init__(
+        self,
+        verifier: Any,
+        recorder: ExecRecorder,
+        engines: Mapping[str, Any],
+        served_by: str = "local",
+    ) -> None:
+        self.verifier = verifier  # inference.tokens.TokenVerifier
+        self.recorder = recorder
+        self.engines = dict(engines)
+        self.served_by = served_by
+
+    def models(self) -> list[str]:
+        return sorted(self.engines)
+
+    def authorize(self, authorization: str | None, namespace: str | None, model: str) -> Any:
+        """The key's claims, or AuthError (401) / ForbiddenError, NamespaceMismatchError (403)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("missing model-access key: send Authorization: Bearer <key>")
+        return self.verifier.verify(token.strip(), namespace, model, CHAT_SCOPE)
+
+    def engine_for(self, model: str) -> Any:
+        engine = self.engines.get(model)
+        if engine is None:
+            raise InferenceUnavailableError(f"no engine serves model {model!r} here")
+        return engine
+
+    async def stream(
+        self, claims: Any, body: ChatCompletionIn, usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """ChatDelta dicts from the engine; `usage` is filled in as they come."""
+        engine = self.engine_for(body.model)
+        started = time.perf_counter()
+        request = engine_request(body)
+        async for delta in engine.options(stream=True).stream.remote(request):
+            if usage.ttft_ms is None:
+                usage.ttft_ms = round((time.perf_counter() - started) * 1000)
+            if delta.get("finish_reason"):
+                usage.finish_reason = str(delta["finish_reason"])
+                usage.prompt_tokens = int(delta.get("prompt_tokens") or 0)
+                usage.completion_tokens = int(delta.get("completion_tokens") or 0)
+            yield delta
+        usage.duration_ms = round((time.perf_counter() - started) * 1000)
+
+    async def record(self, claims: Any, model: str, usage: Usage, outcome: str = "ok") -> None:
+        row = UsageEventRow(
+            id=new_id(),
+            token_id=claims.jti,
+            namespace_id=claims.cave_ns,
+            model_id=model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            ttft_ms=usage.ttft_ms,
+            duration_ms=usage.duration_ms,
+            served_by=self.served_by,
+        )
+        details = {k: v for k, v in asdict(usage).items() if v is not None}
+        event = AuditEvent(
+            f"model-key:{claims.jti}",
+            "llm.chat",
+            model,
+            outcome,  # type: ignore[arg-type]
+            claims.cave_ns,
+            details,
+        )
+        await self.recorder.record(event, row)
+
+
+def engine_request(body: ChatCompletionIn) -> dict[str, Any]:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+    return {
+        "model": body.model,
+        "messages": messages,
+        "max_tokens": body.max_completion_tokens or body.max_tokens or 256,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": stop,
+        "seed": body.seed,
+    }
+
+
+def _text(content: str | list[dict[str, object]] | None) -> str:
+    """Text content; of a list of parts (OpenAI's content parts) the text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise InvalidArgumentError("only text content parts are supported")
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
+
+
+def chunk(
+    completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def usage_chunk(completion_id: str, created: int, model: str, usage: Usage) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage_body(usage),
+    }
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    total = usage.prompt_tokens + usage.completion_tokens
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": total,
+    }
+
+
+def completion(
+    completion_id: str, created: int, model: str, text: str, usage: Usage
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": usage.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage_body(usage),
+    }

@@ -1,0 +1,92 @@
+"""Bodies of the model-access and OpenAI-compatible chat routes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.schemas import Namespace
+
+
+class AccessRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(min_length=1, max_length=200)
+    cave_namespace: Namespace
+    scopes: list[Literal["llm:chat"]] | None = None
+    ttl_s: float | None = Field(None, gt=0)
+    reason: str = Field("", max_length=2000)
+
+
+class AccessRequestOut(BaseModel):
+    id: str
+    model_id: str
+    cave_namespace: str
+    scopes: list[str]
+    ttl_s: int
+    reason: str
+    state: Literal["pending", "approved", "denied"]
+    requested_by: str
+    decided_by: str | None
+    created_at: datetime
+    decided_at: datetime | None
+
+
+class AccessRequestList(BaseModel):
+    items: list[AccessRequestOut]
+
+
+class ApprovedOut(AccessRequestOut):
+    model_access_key: str = Field(
+        description="The signed key (a JWT): shown in this response only."
+    )
+    token_id: str
+    expires_at: datetime
+
+
+class RevokeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token_id: str = Field(min_length=1, max_length=64)
+
+
+class ChatMessageIn(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, object]] | None = ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = True
+
+
+class ChatCompletionIn(BaseModel):
+    """OpenAI's chat-completions request; fields this gateway does not know are ignored, as
+    OpenAI-compatible servers do, and values it cannot honour (n > 1) are refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "cave"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]

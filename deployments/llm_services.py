@@ -1,0 +1,64 @@
+"""What one API replica holds for model access: signing keys, verifier, revocations, engines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cave.audit.trail import AuditTrail
+from cave.auth.settings import AuthSettings
+from cave.db import Database
+from deployments.chat import ChatGateway
+from deployments.exec_records import ExecRecorder
+from inference.access import ModelAccess
+from inference.llm_settings import LlmSettings
+from inference.revocation import RevocationCache
+from inference.signing_keys import SigningKeys
+from inference.tokens import TokenSigner, TokenVerifier
+
+REVOCATION_REFRESH_S = 0.5  # revocations reach every replica within about this
+
+
+@dataclass
+class LlmServices:
+    settings: LlmSettings
+    keys: SigningKeys
+    revocations: RevocationCache
+    access: ModelAccess
+    chat: ChatGateway
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(
+        cls,
+        settings: LlmSettings,
+        db: Database,
+        auth: AuthSettings,
+        audit: AuditTrail,
+        recorder: ExecRecorder,
+        engines: Mapping[str, Any],
+    ) -> LlmServices:
+        keys = SigningKeys(db, auth.secret_key, settings)
+        await keys.current()  # signer and verifier read keys from memory: load them first
+        revocations = RevocationCache(db)
+        await revocations.refresh()
+        verifier = TokenVerifier(keys, revocations, settings)
+        access = ModelAccess(
+            db, audit, TokenSigner(keys, settings), settings.token_max_ttl_s, settings.token_ttl_s
+        )
+        chat = ChatGateway(verifier, recorder, engines)
+        services = cls(settings, keys, revocations, access, chat)
+        services._tasks.append(asyncio.create_task(revocations.run(REVOCATION_REFRESH_S)))
+        return services
+
+    async def jwks(self) -> dict[str, Any]:
+        return dict(await self.keys.jwks())
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

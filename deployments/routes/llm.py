@@ -1,0 +1,175 @@
+"""Model access: request, review, revoke, the JWKS, and the OpenAI-compatible chat endpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cave.db import ModelAccessRequestRow, new_id
+from cave.errors import CaveError
+from deployments.chat import (
+    Usage,
+    chunk,
+    completion,
+    usage_chunk,
+)
+from deployments.deps import PrincipalDep, ServicesDep
+from deployments.errors import request_id_of
+from deployments.llm_schemas import (
+    AccessRequestIn,
+    AccessRequestList,
+    AccessRequestOut,
+    ApprovedOut,
+    ChatCompletionIn,
+    ModelList,
+    ModelOut,
+    RevokeIn,
+)
+from deployments.routes import ERROR_RESPONSES
+
+router = APIRouter(tags=["model access"], responses=ERROR_RESPONSES)
+NamespaceHeader = Annotated[str | None, Header(alias="X-Cave-Namespace", max_length=63)]
+
+
+@router.post("/api/v1/llm/requests", status_code=201, response_model=AccessRequestOut)
+async def request_access(
+    body: AccessRequestIn, principal: PrincipalDep, services: ServicesDep
+) -> AccessRequestOut:
+    row = await services.llm.access.request(
+        principal,
+        body.model_id,
+        body.cave_namespace,
+        list(body.scopes) if body.scopes is not None else None,
+        body.ttl_s,
+        body.reason,
+    )
+    return _request_out(row)
+
+
+@router.get("/api/v1/admin/llm/requests", response_model=AccessRequestList)
+async def list_requests(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    state: Annotated[str | None, "pending | approved | denied"] = None,
+) -> AccessRequestList:
+    rows = await services.llm.access.list_requests(principal, state)
+    return AccessRequestList(items=[_request_out(r) for r in rows])
+
+
+@router.post("/api/v1/admin/llm/requests/{request_id}/approve", response_model=ApprovedOut)
+async def approve(request_id: str, principal: PrincipalDep, services: ServicesDep) -> ApprovedOut:
+    decided, issued = await services.llm.access.approve(principal, request_id)
+    return ApprovedOut(
+        **_request_out(decided).model_dump(),
+        model_access_key=issued.token,
+        token_id=issued.token_id,
+        expires_at=issued.expires_at,
+    )
+
+
+@router.post("/api/v1/admin/llm/requests/{request_id}/deny", response_model=AccessRequestOut)
+async def deny(request_id: str, principal: PrincipalDep, services: ServicesDep) -> AccessRequestOut:
+    return _request_out(await services.llm.access.deny(principal, request_id))
+
+
+@router.post(
+    "/api/v1/admin/llm/models/{model_id}/revoke_key", status_code=204, response_class=Response
+)
+async def revoke_key(
+    model_id: str, body: RevokeIn, principal: PrincipalDep, services: ServicesDep
+) -> Response:
+    await services.llm.access.revoke(principal, model_id, body.token_id)
+    services.llm.revocations.revoke_local(body.token_id)  # this replica at once, others < 1 s
+    return Response(status_code=204)
+
+
+@router.get("/.well-known/jwks.json")
+async def jwks(services: ServicesDep) -> dict[str, Any]:
+    keys: dict[str, Any] = await services.llm.jwks()
+    return keys
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(services: ServicesDep) -> ModelList:
+    return ModelList(data=[ModelOut(id=m) for m in services.llm.chat.models()])
+
+
+@router.post("/v1/chat/completions")
+@router.post("/api/v1/llm/chat")
+async def chat(
+    body: ChatCompletionIn,
+    request: Request,
+    services: ServicesDep,
+    namespace: NamespaceHeader = None,
+) -> Response:
+    gateway = services.llm.chat
+    claims = gateway.authorize(request.headers.get("authorization"), namespace, body.model)
+    gateway.engine_for(body.model)  # an unknown model is a 503 before anything streams
+    completion_id, created = f"chatcmpl-{new_id()}", int(time.time())
+    usage = Usage()
+    deltas = gateway.stream(claims, body, usage)
+    if body.stream:
+        sse = _sse(gateway, claims, body, deltas, usage, completion_id, created, request)
+        return StreamingResponse(sse, media_type="text/event-stream")
+    try:
+        text = "".join([str(d.get("text", "")) async for d in deltas])
+    except CaveError:
+        await gateway.record(claims, body.model, usage, "error")
+        raise
+    await gateway.record(claims, body.model, usage)
+    return JSONResponse(completion(completion_id, created, body.model, text, usage))
+
+
+async def _sse(
+    gateway: Any,
+    claims: Any,
+    body: ChatCompletionIn,
+    deltas: AsyncIterator[dict[str, Any]],
+    usage: Usage,
+    completion_id: str,
+    created: int,
+    request: Request,
+) -> AsyncIterator[bytes]:
+    first = {"role": "assistant", "content": ""}
+    yield _event(chunk(completion_id, created, body.model, first, None))
+    outcome = "ok"
+    try:
+        async for delta in deltas:
+            finish = delta.get("finish_reason")
+            content = {"content": str(delta.get("text", ""))} if delta.get("text") else {}
+            yield _event(chunk(completion_id, created, body.model, content, finish))
+        include = body.stream_options is None or body.stream_options.include_usage
+        if include:
+            yield _event(usage_chunk(completion_id, created, body.model, usage))
+    except CaveError as exc:  # mid-stream: an error event ends the stream
+        outcome = "error"
+        error = {"code": exc.code, "message": exc.message, "request_id": request_id_of(request)}
+        yield _event({"error": error})
+    finally:
+        await gateway.record(claims, body.model, usage, outcome)
+    yield b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def _request_out(row: ModelAccessRequestRow) -> AccessRequestOut:
+    return AccessRequestOut(
+        id=row.id,
+        model_id=row.model_id,
+        cave_namespace=row.namespace_id,
+        scopes=list(row.scopes),
+        ttl_s=row.ttl_s,
+        reason=row.reason,
+        state=row.state,  # type: ignore[arg-type]
+        requested_by=row.requested_by,
+        decided_by=row.decided_by,
+        created_at=row.created_at,
+        decided_at=row.decided_at,
+    )

@@ -1,0 +1,70 @@
+"""Model-access token settings (`LlmSettings`), read from the CAVE_LLM_* variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cave.errors import ConfigError
+
+DEFAULT_TTL_S = 3600
+DEFAULT_MAX_TTL_S = 30 * 86400
+DEFAULT_LEEWAY_S = 30
+MAX_LEEWAY_S = 600  # past this, "expired" would stop meaning anything
+
+
+@dataclass(frozen=True, slots=True)
+class LlmSettings:
+    """Who signs model-access tokens, for whom, for how long; built once at the entry point."""
+
+    issuer: str = "cave"  # CAVE_LLM_ISSUER: the tokens' `iss`
+    audience: str = "cave-llm"  # CAVE_LLM_AUDIENCE: the tokens' `aud`
+    token_ttl_s: int = DEFAULT_TTL_S  # CAVE_LLM_TOKEN_TTL_S: lifetime when a request names none
+    token_max_ttl_s: int = DEFAULT_MAX_TTL_S  # CAVE_LLM_TOKEN_MAX_TTL_S: longest lifetime allowed
+    leeway_s: int = DEFAULT_LEEWAY_S  # CAVE_LLM_LEEWAY_S: clock skew tolerated on exp/nbf/iat
+
+
+def load_llm_settings(env: Mapping[str, str] | None = None) -> LlmSettings:
+    """The settings from `env` (default: the process environment); ConfigError naming the
+    variable when one is malformed."""
+    env = os.environ if env is None else env
+    max_ttl_s = _seconds(env, "CAVE_LLM_TOKEN_MAX_TTL_S", DEFAULT_MAX_TTL_S, minimum=1)
+    ttl_s = _seconds(env, "CAVE_LLM_TOKEN_TTL_S", DEFAULT_TTL_S, minimum=1)
+    if ttl_s > max_ttl_s:
+        raise ConfigError(
+            f"CAVE_LLM_TOKEN_TTL_S={ttl_s} is longer than CAVE_LLM_TOKEN_MAX_TTL_S={max_ttl_s}"
+        )
+    return LlmSettings(
+        issuer=_name(env, "CAVE_LLM_ISSUER", "cave"),
+        audience=_name(env, "CAVE_LLM_AUDIENCE", "cave-llm"),
+        token_ttl_s=ttl_s,
+        token_max_ttl_s=max_ttl_s,
+        leeway_s=_seconds(env, "CAVE_LLM_LEEWAY_S", DEFAULT_LEEWAY_S, 0, MAX_LEEWAY_S),
+    )
+
+
+def _name(env: Mapping[str, str], variable: str, default: str) -> str:
+    raw = env.get(variable)
+    if raw is None:
+        return default
+    value = raw.strip()
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(f"{variable}={raw!r}: expected a non-empty name without spaces")
+    return value
+
+
+def _seconds(
+    env: Mapping[str, str], variable: str, default: int, minimum: int, maximum: int | None = None
+) -> int:
+    raw = env.get(variable)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{variable}={raw!r}: expected whole seconds") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{variable}={raw!r}: expected whole seconds {bound}")
+    return value
