@@ -36,7 +36,7 @@ $(BIN)/python:
 	python3 -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,cpu]'
 	touch $@
 
 run: install ## Start a local Ray cluster with CAVE and print its address

@@ -74,8 +74,6 @@ class Target:
     ready_path: str = "/ping"
 
 
-
-
 def load(path: str) -> Any:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)

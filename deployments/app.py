@@ -17,6 +17,7 @@ from starlette.routing import Route
 from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
 from deployments.errors import RequestIdMiddleware, install_error_handlers
+from deployments.llm_engine import engine_apps
 from deployments.logs import configure_logging
 from deployments.mcp import build_mcp_app
 from deployments.metrics import ApiMetrics, install_metrics
@@ -25,6 +26,7 @@ from deployments.routes import files, health, keys, llm, sandboxes
 from deployments.schemas import CreateSandboxRequest, ExecRequest
 from deployments.services import Services
 from deployments.tracing import install_tracing, load_sampling_rate, setup_tracing
+from inference.registry import ModelRegistry, ModelSpec
 
 log = logging.getLogger("cave.api")
 REQUEST_BODIES: dict[str, type[BaseModel]] = {"create": CreateSandboxRequest, "run": ExecRequest}
@@ -104,15 +106,18 @@ class ApiIngress:
     """One API replica. Settings come as an environment mapping (the deployment's args) laid
     over the replica's own environment, so that `serve run` and `cave up` configure it alike."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, engines: Mapping[str, Any] | None = None
+    ) -> None:
         self._env = dict(env or {})
+        self._engines = dict(engines or {})  # model id -> DeploymentHandle (Serve resolved them)
         configure_logging()
         context = serve.get_replica_context()
         self._replica = context.replica_tag if context is not None else ""
         self._app: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        self._app = create_api(self._env, _file_safe(self._replica))
+        self._app = create_api(self._env, _file_safe(self._replica), self._engines)
         return self._app
 
     async def call(self, api_key: str, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -148,8 +153,9 @@ class ApiIngress:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """`serve run deployments.app:build_app env.BKG_DB_PATH=...` or a config file's `args`:
-    `{"env": {...}, "num_replicas": N}`; anything else in args is an error, not ignored."""
-    known = {"env", "num_replicas"}
+    `{"env": {...}, "num_replicas": N, "models": [...]}`; anything else is an error, not ignored.
+    Each model becomes a ModelEngine deployment of the same application."""
+    known = {"env", "num_replicas", "models"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown build_app args {unknown}; known: {sorted(known)}")
@@ -157,7 +163,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     deployment: Any = ApiIngress  # serve.deployment made it a Deployment; its stubs can't say
     if "num_replicas" in args:
         deployment = deployment.options(num_replicas=int(args["num_replicas"]))
-    return deployment.bind(env)
+    return deployment.bind(env, engine_apps(_model_specs(args, env)))
+
+
+def _model_specs(args: Mapping[str, Any], env: Mapping[str, str]) -> list[ModelSpec]:
+    """`args["models"]` (ModelSpec dicts) if given, else the registry file (CAVE_MODELS_FILE)."""
+    if "models" in args:
+        return [ModelSpec.from_dict(spec) for spec in args["models"] or []]
+    return ModelRegistry.from_env({**os.environ, **env}).specs()
 
 
 def _file_safe(tag: str) -> str:

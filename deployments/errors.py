@@ -29,6 +29,7 @@ STATUS_BY_ERROR: dict[type[errors.CaveError], int] = {
     errors.ConfigError: 500,
     ForbiddenError: 403,
     errors.NamespaceMismatchError: 403,
+    errors.TokenRevokedError: 403,  # a valid key whose access was withdrawn: forbidden now
     errors.AuthError: 401,
     errors.NotFoundError: 404,
     errors.ConflictError: 409,

@@ -14,7 +14,10 @@ import httpx
 import pytest
 
 from cluster.ingress import listen_ports
+from tests.inference.tiny_model import build_tiny_model
 from tests.support import poll_until
+
+TINY_MODEL = "tiny"  # the random-weight chat model every API test session serves
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,6 @@ class ApiServer:
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
-
 
 
 def api_env(root: Path, state_dir: Path, url: str = "") -> dict[str, str]:
@@ -56,10 +58,14 @@ def api_server(
     from deployments.app import APP_NAME, build_app
 
     port = listen_ports(1)[0]  # below the ephemeral range: nothing outgoing can take it
-    env = api_env(tmp_path_factory.mktemp("api"), cave_state_dir, f"http://127.0.0.1:{port}")
+    root = tmp_path_factory.mktemp("api")
+    env = api_env(root, cave_state_dir, f"http://127.0.0.1:{port}")
     admin_key = asyncio.run(create_admin_key({**os.environ, **env}))
+    models = [
+        {"model_id": TINY_MODEL, "engine": "cpu", "source": str(build_tiny_model(root / "tiny"))}
+    ]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"env": env}), name=APP_NAME, route_prefix="/")
+    serve.run(build_app({"env": env, "models": models}), name=APP_NAME, route_prefix="/")
     server = ApiServer(f"http://127.0.0.1:{port}", admin_key, env)
     with server.client() as client:
         poll_until(lambda: client.get("/readyz").status_code == 200, timeout_s=60)
