@@ -25,7 +25,13 @@ def test_a_rotation_reaches_the_receiver_once(api_server: ApiServer) -> None:
     sql = "SELECT count(*) FROM audit_events WHERE action = 'key.rotation_received' AND target = ?"
     poll_until(lambda: query(api_server, sql, created["id"])[0][0] == 1, 30, "webhook delivered")
     delivered = "SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL AND payload LIKE ?"
-    assert query(api_server, delivered, f"%{created['id']}%")[0][0] == 1
+    # The sender marks the event delivered once the receiver's answer is back: poll for it too.
+    poll_until(
+        lambda: query(api_server, delivered, f"%{created['id']}%")[0][0] == 1,
+        30,
+        "marked delivered",
+    )
+    assert query(api_server, sql, created["id"])[0][0] == 1  # received once, not again
 
 
 def _signed(body: bytes, event_id: str, now: float | None = None) -> dict[str, str]:
