@@ -6,7 +6,7 @@ CaveError
  ├─ InvalidArgumentError ── LimitExceededError ── PayloadTooLargeError; InvalidPathError
  ├─ NotFoundError ── SandboxNotFoundError
  ├─ ConflictError ── SandboxStateError
- ├─ QuotaExceededError ── CapacityError
+ ├─ QuotaExceededError ── CapacityError, RateLimitedError
  ├─ AuthError ── TokenExpiredError, TokenRevokedError, NamespaceMismatchError
  ├─ SandboxError ── SandboxTimeoutError, IsolationUnavailableError
  ├─ DatabaseUnavailableError         (the database went away: the API answers 503)
@@ -91,6 +91,17 @@ class CapacityError(QuotaExceededError):
     """No node has room for another sandbox."""
 
     code = "capacity"
+
+
+class RateLimitedError(QuotaExceededError):
+    """A model-access key used its requests or tokens of the minute; retry after `retry_after_s`."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.args = (message, retry_after_s)  # pickles as cls(*args), across Ray processes
+        self.retry_after_s = retry_after_s
 
 
 class AuthError(CaveError):

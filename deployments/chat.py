@@ -14,7 +14,13 @@ from typing import Any
 
 from cave.audit.event import AuditEvent
 from cave.db import UsageEventRow, new_id
-from cave.errors import AuthError, InferenceUnavailableError, InvalidArgumentError
+from cave.errors import (
+    AuthError,
+    ConfigError,
+    InferenceUnavailableError,
+    InvalidArgumentError,
+    RateLimitedError,
+)
 from deployments.exec_records import ExecRecorder
 from deployments.llm_schemas import ChatCompletionIn
 
@@ -40,11 +46,20 @@ class ChatGateway:
         recorder: ExecRecorder,
         engines: Mapping[str, Any],
         served_by: str = "local",
+        limiter: Any = None,
+        rpm: int = 0,
+        tpm: int = 0,
     ) -> None:
+        """`limiter`: an actors.rate_limiter.SharedRateLimiter, needed when `rpm` or `tpm` (per
+        key and minute, 0: no limit) is set; with neither, no request calls it."""
         self.verifier = verifier  # inference.tokens.TokenVerifier
         self.recorder = recorder
         self.engines = dict(engines)
         self.served_by = served_by
+        self.limiter = limiter if (rpm or tpm) else None
+        self.rpm, self.tpm = rpm, tpm
+        if (rpm or tpm) and limiter is None:
+            raise ConfigError("a rate limit is set (CAVE_LLM_RPM/TPM) but no limiter is given")
 
     def models(self) -> list[str]:
         return sorted(self.engines)
@@ -55,6 +70,25 @@ class ChatGateway:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("missing model-access key: send Authorization: Bearer <key>")
         return self.verifier.verify(token.strip(), namespace, model, CHAT_SCOPE)
+
+    async def admit(self, claims: Any, model: str) -> None:
+        """Counts the request against the key's minute; RateLimitedError (429) when spent.
+        A refusal is audited (outcome "denied"); it is no usage, so it writes no usage row."""
+        if self.limiter is None:
+            return
+        wait_s = await self.limiter.acquire(claims.jti, self.rpm, self.tpm)
+        if wait_s is None:
+            return
+        details = {"reason": "rate_limited", "retry_after_s": wait_s}
+        event = AuditEvent(
+            f"model-key:{claims.jti}", "llm.chat", model, "denied", claims.cave_ns, details
+        )
+        await self.recorder.record(event)
+        limits = f"{self.rpm or 'unlimited'} requests, {self.tpm or 'unlimited'} tokens"
+        raise RateLimitedError(
+            f"model-access key {claims.jti} used its minute ({limits}); retry in {wait_s:.0f} s",
+            wait_s,
+        )
 
     def engine_for(self, model: str) -> Any:
         engine = self.engines.get(model)
@@ -80,6 +114,8 @@ class ChatGateway:
         usage.duration_ms = round((time.perf_counter() - started) * 1000)
 
     async def record(self, claims: Any, model: str, usage: Usage, outcome: str = "ok") -> None:
+        if self.limiter is not None and self.tpm:
+            await self.limiter.add_tokens(claims.jti, usage.prompt_tokens + usage.completion_tokens)
         row = UsageEventRow(
             id=new_id(),
             token_id=claims.jti,

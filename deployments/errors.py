@@ -4,6 +4,7 @@ handlers that answer every failure with `{"error": {"code", "message", "request_
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -94,8 +95,9 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
         count(exc.code)
         if status >= 500:
             log.error("request %s failed: %s", request_id_of(request), exc, exc_info=exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return error_response(status, exc.code, exc.message, request_id_of(request), None, headers)
+        return error_response(
+            status, exc.code, exc.message, request_id_of(request), None, _headers_of(exc, status)
+        )
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -123,6 +125,14 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
+
+
+def _headers_of(error: errors.CaveError, status: int) -> dict[str, str] | None:
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(error, errors.RateLimitedError):  # RFC 9110: whole seconds
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return None
 
 
 def _field_error(error: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.rate_limiter import SharedRateLimiter
 from cave.audit.trail import AuditTrail
 from cave.auth.settings import AuthSettings
 from cave.db import Database
@@ -49,7 +50,11 @@ class LlmServices:
         access = ModelAccess(
             db, audit, TokenSigner(keys, settings), settings.token_max_ttl_s, settings.token_ttl_s
         )
-        chat = ChatGateway(verifier, recorder, engines)
+        limited = settings.rpm or settings.tpm  # no limiter actor at all without a limit
+        limiter = SharedRateLimiter() if limited else None
+        chat = ChatGateway(
+            verifier, recorder, engines, "local", limiter, settings.rpm, settings.tpm
+        )
         services = cls(settings, keys, revocations, access, chat)
         services._tasks.append(asyncio.create_task(revocations.run(REVOCATION_REFRESH_S)))
         return services

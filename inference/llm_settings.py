@@ -23,6 +23,8 @@ class LlmSettings:
     token_ttl_s: int = DEFAULT_TTL_S  # CAVE_LLM_TOKEN_TTL_S: lifetime when a request names none
     token_max_ttl_s: int = DEFAULT_MAX_TTL_S  # CAVE_LLM_TOKEN_MAX_TTL_S: longest lifetime allowed
     leeway_s: int = DEFAULT_LEEWAY_S  # CAVE_LLM_LEEWAY_S: clock skew tolerated on exp/nbf/iat
+    rpm: int = 0  # CAVE_LLM_RPM: requests per minute per key, all replicas together (0: no limit)
+    tpm: int = 0  # CAVE_LLM_TPM: tokens (prompt + completion) per minute per key (0: no limit)
 
 
 def load_llm_settings(env: Mapping[str, str] | None = None) -> LlmSettings:
@@ -41,6 +43,8 @@ def load_llm_settings(env: Mapping[str, str] | None = None) -> LlmSettings:
         token_ttl_s=ttl_s,
         token_max_ttl_s=max_ttl_s,
         leeway_s=_seconds(env, "CAVE_LLM_LEEWAY_S", DEFAULT_LEEWAY_S, 0, MAX_LEEWAY_S),
+        rpm=_per_minute(env, "CAVE_LLM_RPM"),
+        tpm=_per_minute(env, "CAVE_LLM_TPM"),
     )
 
 
@@ -67,4 +71,17 @@ def _seconds(
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
         raise ConfigError(f"{variable}={raw!r}: expected whole seconds {bound}")
+    return value
+
+
+def _per_minute(env: Mapping[str, str], variable: str) -> int:
+    raw = env.get(variable)
+    if raw is None or not raw.strip():
+        return 0
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{variable}={raw!r}: expected a whole number per minute") from None
+    if value < 0:
+        raise ConfigError(f"{variable}={raw!r}: expected a whole number >= 0 (0: no limit)")
     return value

@@ -15,7 +15,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "The object's state forbids this",
         413: "Payload too large",
         422: "The request does not match the schema",
-        429: "No capacity",
+        429: "No capacity, or the key's rate limit (see Retry-After)",
         503: "A dependency is unavailable",
     }.items()
 }

@@ -110,6 +110,7 @@ async def chat(
     gateway = services.llm.chat
     claims = gateway.authorize(request.headers.get("authorization"), namespace, body.model)
     gateway.engine_for(body.model)  # an unknown model is a 503 before anything streams
+    await gateway.admit(claims, body.model)  # 429 when the key's minute is spent
     completion_id, created = f"chatcmpl-{new_id()}", int(time.time())
     usage = Usage()
     deltas = gateway.stream(claims, body, usage)
