@@ -106,4 +106,3 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
