@@ -2,7 +2,8 @@
 
 Nothing here touches the database before the first token: the key is checked against the
 signing keys and the revocation set held in memory, and the usage record is written after the
-stream ends, in the replica's batch (deployments/exec_records.py).
+stream ends, in the replica's batch (deployments/exec_records.py). A model no local engine serves
+goes to a peer cluster (inference/peers.py) with the caller's own key.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from cave.errors import (
 )
 from deployments.exec_records import ExecRecorder
 from deployments.llm_schemas import ChatCompletionIn
+from inference.peers import PeerRouter, names_unknown_key
 
 NAMESPACE_HEADER = "x-cave-namespace"
 CHAT_SCOPE = "llm:chat"
+FORWARDED_KEYS = 4096  # keys held between authorize and stream for requests bound to a peer
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Usage:
     ttft_ms: int | None = None
     duration_ms: int = 0
     finish_reason: str = "stop"
+    served_by: str | None = None  # "peer:<name>" when a peer served it; None: this gateway
+    peer_failures: list[str] | None = None  # peers tried first, and why they could not serve
 
 
 class ChatGateway:
@@ -49,27 +54,45 @@ class ChatGateway:
         limiter: Any = None,
         rpm: int = 0,
         tpm: int = 0,
+        peers: PeerRouter | None = None,
+        issuer: str = "cave",
     ) -> None:
         """`limiter`: an actors.rate_limiter.SharedRateLimiter, needed when `rpm` or `tpm` (per
-        key and minute, 0: no limit) is set; with neither, no request calls it."""
+        key and minute, 0: no limit) is set; with neither, no request calls it. `peers`: where
+        models not served here go; `issuer`: this cluster's CAVE_LLM_ISSUER."""
         self.verifier = verifier  # inference.tokens.TokenVerifier
         self.recorder = recorder
         self.engines = dict(engines)
         self.served_by = served_by
         self.limiter = limiter if (rpm or tpm) else None
         self.rpm, self.tpm = rpm, tpm
+        self.peers = peers
+        self.issuer = issuer
+        # The route hands `stream` the claims only; a forwarded request needs the key itself.
+        self._forwarded: dict[str, str] = {}
         if (rpm or tpm) and limiter is None:
             raise ConfigError("a rate limit is set (CAVE_LLM_RPM/TPM) but no limiter is given")
 
     def models(self) -> list[str]:
-        return sorted(self.engines)
+        peered = self.peers.models() if self.peers is not None else set()
+        return sorted(set(self.engines) | peered)
 
     def authorize(self, authorization: str | None, namespace: str | None, model: str) -> Any:
         """The key's claims, or AuthError (401) / ForbiddenError, NamespaceMismatchError (403)."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("missing model-access key: send Authorization: Bearer <key>")
-        return self.verifier.verify(token.strip(), namespace, model, CHAT_SCOPE)
+        try:
+            claims = self.verifier.verify(token.strip(), namespace, model, CHAT_SCOPE)
+        except AuthError as error:
+            if self.peers is not None and names_unknown_key(error):
+                self.peers.nudge()  # a peer's new key: its JWKS is fetched again, soon
+            raise
+        if model not in self.engines and self.peers is not None:
+            if len(self._forwarded) >= FORWARDED_KEYS:
+                del self._forwarded[next(iter(self._forwarded))]  # the oldest
+            self._forwarded[claims.jti] = token.strip()
+        return claims
 
     async def admit(self, claims: Any, model: str) -> None:
         """Counts the request against the key's minute; RateLimitedError (429) when spent.
@@ -91,31 +114,61 @@ class ChatGateway:
         )
 
     def engine_for(self, model: str) -> Any:
+        """The local engine's handle; None when only peers serve `model` and one of them is
+        healthy; InferenceUnavailableError (503) when nobody can."""
         engine = self.engines.get(model)
-        if engine is None:
-            raise InferenceUnavailableError(f"no engine serves model {model!r} here")
-        return engine
+        if engine is not None:
+            return engine
+        if self.peers is not None and self.peers.candidates(model):
+            return None
+        raise InferenceUnavailableError(f"no engine or healthy peer serves model {model!r}")
 
     async def stream(
         self, claims: Any, body: ChatCompletionIn, usage: Usage
     ) -> AsyncIterator[dict[str, Any]]:
-        """ChatDelta dicts from the engine; `usage` is filled in as they come."""
+        """ChatDelta dicts from the engine or a peer; `usage` is filled in as they come."""
         engine = self.engine_for(body.model)
+        deltas = self._local(engine, body) if engine is not None else self._remote(claims, body)
         started = time.perf_counter()
-        request = engine_request(body)
-        async for delta in engine.options(stream=True).stream.remote(request):
+        async for delta in deltas:
             if usage.ttft_ms is None:
                 usage.ttft_ms = round((time.perf_counter() - started) * 1000)
             if delta.get("finish_reason"):
                 usage.finish_reason = str(delta["finish_reason"])
                 usage.prompt_tokens = int(delta.get("prompt_tokens") or 0)
                 usage.completion_tokens = int(delta.get("completion_tokens") or 0)
+            usage.served_by = delta.pop("served_by", None) or usage.served_by
+            usage.peer_failures = delta.pop("peer_failures", None) or usage.peer_failures
             yield delta
         usage.duration_ms = round((time.perf_counter() - started) * 1000)
+
+    async def _local(self, engine: Any, body: ChatCompletionIn) -> AsyncIterator[dict[str, Any]]:
+        request = engine_request(body)
+        async for delta in engine.options(stream=True).stream.remote(request):
+            yield delta
+
+    async def _remote(self, claims: Any, body: ChatCompletionIn) -> AsyncIterator[dict[str, Any]]:
+        token = self._forwarded.get(claims.jti)
+        if self.peers is None or token is None:
+            raise InferenceUnavailableError(f"no engine serves model {body.model!r} here")
+        payload = {
+            **body.model_dump(mode="json", exclude_none=True),
+            "stream": True,
+            "stream_options": {"include_usage": True},  # the peer's usage is ours to record
+        }
+        async for name, delta in self.peers.stream(body.model, token, claims.cave_ns, payload):
+            yield {**delta, "served_by": f"peer:{name}"}
 
     async def record(self, claims: Any, model: str, usage: Usage, outcome: str = "ok") -> None:
         if self.limiter is not None and self.tpm:
             await self.limiter.add_tokens(claims.jti, usage.prompt_tokens + usage.completion_tokens)
+        details = {k: v for k, v in asdict(usage).items() if v is not None}
+        if claims.iss != self.issuer:
+            # A peer's key: its token row (the usage row's foreign key) lives in the peer's
+            # database, so here the audit trail alone records the use.
+            details["issuer"] = claims.iss
+            await self.recorder.record(_chat_event(claims, model, outcome, details))
+            return
         row = UsageEventRow(
             id=new_id(),
             token_id=claims.jti,
@@ -125,18 +178,20 @@ class ChatGateway:
             completion_tokens=usage.completion_tokens,
             ttft_ms=usage.ttft_ms,
             duration_ms=usage.duration_ms,
-            served_by=self.served_by,
+            served_by=usage.served_by or self.served_by,
         )
-        details = {k: v for k, v in asdict(usage).items() if v is not None}
-        event = AuditEvent(
-            f"model-key:{claims.jti}",
-            "llm.chat",
-            model,
-            outcome,  # type: ignore[arg-type]
-            claims.cave_ns,
-            details,
-        )
-        await self.recorder.record(event, row)
+        await self.recorder.record(_chat_event(claims, model, outcome, details), row)
+
+
+def _chat_event(claims: Any, model: str, outcome: str, details: dict[str, Any]) -> AuditEvent:
+    return AuditEvent(
+        f"model-key:{claims.jti}",
+        "llm.chat",
+        model,
+        outcome,  # type: ignore[arg-type]
+        claims.cave_ns,
+        details,
+    )
 
 
 def engine_request(body: ChatCompletionIn) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class LlmSettings:
     leeway_s: int = DEFAULT_LEEWAY_S  # CAVE_LLM_LEEWAY_S: clock skew tolerated on exp/nbf/iat
     rpm: int = 0  # CAVE_LLM_RPM: requests per minute per key, all replicas together (0: no limit)
     tpm: int = 0  # CAVE_LLM_TPM: tokens (prompt + completion) per minute per key (0: no limit)
+    peers_file: str = ""  # CAVE_PEERS_FILE: the peer clusters' TOML file ("": no peers)
 
 
 def load_llm_settings(env: Mapping[str, str] | None = None) -> LlmSettings:
@@ -45,6 +46,7 @@ def load_llm_settings(env: Mapping[str, str] | None = None) -> LlmSettings:
         leeway_s=_seconds(env, "CAVE_LLM_LEEWAY_S", DEFAULT_LEEWAY_S, 0, MAX_LEEWAY_S),
         rpm=_per_minute(env, "CAVE_LLM_RPM"),
         tpm=_per_minute(env, "CAVE_LLM_TPM"),
+        peers_file=env.get("CAVE_PEERS_FILE", "").strip(),
     )
 
 
