@@ -63,6 +63,8 @@ class ChatGateway:
         self.verifier = verifier  # inference.tokens.TokenVerifier
         self.recorder = recorder
         self.engines = dict(engines)
+        # One streaming handle per model, made once: `options()` builds a new handle each call.
+        self._streams = {model: h.options(stream=True) for model, h in self.engines.items()}
         self.served_by = served_by
         self.limiter = limiter if (rpm or tpm) else None
         self.rpm, self.tpm = rpm, tpm
@@ -144,7 +146,7 @@ class ChatGateway:
 
     async def _local(self, engine: Any, body: ChatCompletionIn) -> AsyncIterator[dict[str, Any]]:
         request = engine_request(body)
-        async for delta in engine.options(stream=True).stream.remote(request):
+        async for delta in self._streams[body.model].stream.remote(request):
             yield delta
 
     async def _remote(self, claims: Any, body: ChatCompletionIn) -> AsyncIterator[dict[str, Any]]:
