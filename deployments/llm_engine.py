@@ -57,14 +57,20 @@ class ModelEngine:
         `llm_server`, `request_type`: for vLLM, see `VllmChatEngine`."""
         self.spec = ModelSpec.from_dict(spec)
         self.engine = make_engine(self.spec, llm_server, request_type)
+        self.requests = 0
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """ChatDelta dicts for a ChatRequest dict; a bad request raises InvalidArgumentError."""
+        self.requests += 1
         async for delta in self.engine.stream(request_from_dict(request)):
             yield delta_to_dict(delta)
 
     def info(self) -> dict[str, str]:
         return {"model_id": self.spec.model_id, "engine": self.spec.engine}
+
+    def requests_served(self) -> int:
+        """Stream calls this replica has taken (tests check a refused key never gets here)."""
+        return self.requests
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -42,6 +42,7 @@ def api_env(root: Path, state_dir: Path, url: str = "") -> dict[str, str]:
         "CAVE_AUDIT_LOG_HMAC_KEY": base64.b64encode(secrets.token_bytes(32)).decode().rstrip("="),
         "CAVE_UPKEEP_INTERVAL_S": "0.2",
         "CAVE_ROTATION_WEBHOOK_SECRET": "test-webhook-secret",
+        "CAVE_LLM_LEEWAY_S": "1",  # so that an expiry test waits one second, not thirty
     }
     if url:  # the API delivers its rotation webhooks to its own receiver
         env["CAVE_ROTATION_WEBHOOK_URL"] = f"{url}/api/v1/auth/keys/rotated"
