@@ -75,6 +75,23 @@ class ChatGateway:
         if (rpm or tpm) and limiter is None:
             raise ConfigError("a rate limit is set (CAVE_LLM_RPM/TPM) but no limiter is given")
 
+    async def registry(self) -> dict[str, list[dict[str, Any]]]:
+        """Each model id and where it is served: the local engine (its kind), and the peers that
+        list it (with their health)."""
+        served: dict[str, list[dict[str, Any]]] = {}
+        for model, handle in self.engines.items():
+            info = await handle.info.remote()
+            served.setdefault(model, []).append(
+                {"kind": "local", "name": "local", "engine": info.get("engine"), "healthy": True}
+            )
+        for peer in self.peers.peers if self.peers is not None else ():
+            for model in peer.models:
+                healthy = self.peers.health.healthy(peer.name)  # type: ignore[union-attr]
+                served.setdefault(model, []).append(
+                    {"kind": "peer", "name": peer.name, "healthy": healthy}
+                )
+        return served
+
     def models(self) -> list[str]:
         peered = self.peers.models() if self.peers is not None else set()
         return sorted(set(self.engines) | peered)

@@ -90,3 +90,19 @@ class ModelOut(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelOut]
+
+
+class ServedAt(BaseModel):
+    kind: Literal["local", "peer"]
+    name: str = Field(description="`local`, or the peer's name")
+    engine: str | None = Field(None, description="cpu | vllm, for local engines")
+    healthy: bool
+
+
+class RegisteredModel(BaseModel):
+    model_id: str
+    served_at: list[ServedAt]
+
+
+class ModelRegistryOut(BaseModel):
+    models: list[RegisteredModel]

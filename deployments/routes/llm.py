@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from cave.auth.keys import ForbiddenError
 from cave.db import ModelAccessRequestRow, new_id
 from cave.errors import CaveError
 from deployments.chat import (
@@ -28,7 +29,10 @@ from deployments.llm_schemas import (
     ChatCompletionIn,
     ModelList,
     ModelOut,
+    ModelRegistryOut,
+    RegisteredModel,
     RevokeIn,
+    ServedAt,
 )
 from deployments.routes import ERROR_RESPONSES
 
@@ -86,6 +90,20 @@ async def revoke_key(
     await services.llm.access.revoke(principal, model_id, body.token_id)
     services.llm.revocations.revoke_local(body.token_id)  # this replica at once, others < 1 s
     return Response(status_code=204)
+
+
+@router.get("/api/v1/admin/llm/models", response_model=ModelRegistryOut)
+async def registry(principal: PrincipalDep, services: ServicesDep) -> ModelRegistryOut:
+    """The model registry: every model this gateway can serve, and where (config/models.toml
+    for local engines, CAVE_PEERS_FILE for peers)."""
+    if not principal.is_admin:
+        raise ForbiddenError("only an admin key may read the model registry")
+    served = await services.llm.chat.registry()
+    models = [
+        RegisteredModel(model_id=m, served_at=[ServedAt(**where) for where in places])
+        for m, places in sorted(served.items())
+    ]
+    return ModelRegistryOut(models=models)
 
 
 @router.get("/.well-known/jwks.json")

@@ -95,3 +95,16 @@ def test_a_key_without_llm_request_scope_cannot_ask(
             "/api/v1/llm/requests", json={"model_id": "tiny", "cave_namespace": "llm-noscope"}
         )
     assert (response.status_code, response.json()["error"]["code"]) == (403, "forbidden")
+
+
+def test_the_registry_says_where_each_model_is_served(
+    api_server: ApiServer, namespace_key: Callable[[str, list[str]], str]
+) -> None:
+    with api_server.client() as admin:
+        listed = admin.get("/api/v1/admin/llm/models")
+    assert listed.status_code == 200, listed.text
+    models = {m["model_id"]: m["served_at"] for m in listed.json()["models"]}
+    assert models["tiny"] == [{"kind": "local", "name": "local", "engine": "cpu", "healthy": True}]
+    tenant_key = namespace_key("llm-registry", ["llm:request"])
+    with api_server.client(tenant_key) as tenant:
+        assert tenant.get("/api/v1/admin/llm/models").status_code == 403
