@@ -15,8 +15,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from cave.env import parse_choice
-from cave.errors import ConfigError
+from cave.env import env_choice
 
 INGRESSES = ("haproxy", "serve")
 # Per-request savings measured with the CAVE app (docs/ingress.md): user code on the replica's
@@ -31,11 +30,7 @@ TUNED_ENV = {
 
 
 def ingress_choice(env: Mapping[str, str]) -> str:
-    raw = env.get("CAVE_INGRESS", "haproxy")
-    try:
-        return parse_choice(raw, INGRESSES)
-    except ValueError as exc:
-        raise ConfigError(f"CAVE_INGRESS={raw!r}: {exc}") from None
+    return env_choice(env, "CAVE_INGRESS", "haproxy", INGRESSES)
 
 
 def ingress_env(env: Mapping[str, str], files: Path) -> dict[str, str]:

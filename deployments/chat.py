@@ -22,6 +22,7 @@ from cave.errors import (
     InvalidArgumentError,
     RateLimitedError,
 )
+from deployments.bearer import bearer_token
 from deployments.exec_records import ExecRecorder
 from deployments.llm_schemas import ChatCompletionIn
 from inference.peers import PeerRouter, names_unknown_key
@@ -98,11 +99,9 @@ class ChatGateway:
 
     def authorize(self, authorization: str | None, namespace: str | None, model: str) -> Any:
         """The key's claims, or AuthError (401) / ForbiddenError, NamespaceMismatchError (403)."""
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("missing model-access key: send Authorization: Bearer <key>")
+        token = bearer_token(authorization, "model-access key")
         try:
-            claims = self.verifier.verify(token.strip(), namespace, model, CHAT_SCOPE)
+            claims = self.verifier.verify(token, namespace, model, CHAT_SCOPE)
         except AuthError as error:
             if self.peers is not None and names_unknown_key(error):
                 self.peers.nudge()  # a peer's new key: its JWKS is fetched again, soon
@@ -110,7 +109,7 @@ class ChatGateway:
         if model not in self.engines and self.peers is not None:
             if len(self._forwarded) >= FORWARDED_KEYS:
                 del self._forwarded[next(iter(self._forwarded))]  # the oldest
-            self._forwarded[claims.jti] = token.strip()
+            self._forwarded[claims.jti] = token
         return claims
 
     async def admit(self, claims: Any, model: str) -> None:

@@ -17,8 +17,7 @@ from typing import Literal
 from cave.audit.event import AuditEvent
 from cave.audit.trail import AuditTrail
 from cave.db import Base
-from cave.env import parse_choice
-from cave.errors import ConfigError
+from cave.env import env_choice
 
 log = logging.getLogger("cave.api")
 Mode = Literal["sync", "async"]
@@ -29,11 +28,7 @@ MAX_QUEUED = 50_000  # past this, requests wait for the writer (backpressure, no
 
 
 def load_mode(env: Mapping[str, str]) -> Mode:
-    raw = env.get("CAVE_EXEC_RECORDS", "async")
-    try:
-        return "sync" if parse_choice(raw, MODES) == "sync" else "async"
-    except ValueError as exc:
-        raise ConfigError(f"CAVE_EXEC_RECORDS={raw!r}: {exc}") from None
+    return "sync" if env_choice(env, "CAVE_EXEC_RECORDS", "async", MODES) == "sync" else "async"
 
 
 class ExecRecorder:

@@ -18,8 +18,8 @@ from cave.auth.keys import KeyService, Principal
 from cave.auth.settings import AuthSettings, load_auth_settings
 from cave.auth.webhooks import ReplayGuard
 from cave.db import Database, load_database_settings
-from cave.errors import AuthError
 from config.settings import Settings, load_settings
+from deployments.bearer import bearer_token
 from deployments.exec_records import ExecRecorder, load_mode
 from deployments.llm_services import LlmServices
 from deployments.sandbox_manager import SandboxManager
@@ -74,12 +74,7 @@ class Services:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization: Bearer <key>` header value."""
-        if not authorization:
-            raise AuthError("missing API key: send Authorization: Bearer <key>")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("malformed Authorization header: expected Bearer <key>")
-        return await self.keys.authenticate(token.strip())
+        return await self.keys.authenticate(bearer_token(authorization, "API key"))
 
     async def close(self) -> None:
         await self.llm.close()

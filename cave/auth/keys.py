@@ -153,19 +153,14 @@ class KeyService:
 
     async def list(self, namespace_id: str | None = None) -> list[KeyInfo]:
         """Keys of one namespace, or all keys (admin) when namespace_id is None."""
-        session_of = (
-            self.db.admin_session()
-            if namespace_id is None
-            else self.db.namespace_session(namespace_id)
-        )
-        async with session_of as session:
+        async with self.db.scoped_session(namespace_id) as session:
             rows = (await session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))).all()
         return [KeyInfo.of(row) for row in rows]
 
     async def revoke(
         self, key_id: str, namespace_id: str | None = None, actor: str = SYSTEM_ACTOR
     ) -> KeyInfo:
-        async with self._scoped(namespace_id) as session:
+        async with self.db.scoped_session(namespace_id) as session:
             row = await _get(session, key_id)
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
@@ -188,7 +183,7 @@ class KeyService:
             raise InvalidArgumentError(
                 f"grace_s must be >= 0 and at most {MAX_GRACE_S:.0f}, got {grace}"
             )
-        async with self._scoped(namespace_id) as session:
+        async with self.db.scoped_session(namespace_id) as session:
             old = await _get(session, key_id)
             until = utcnow() + timedelta(seconds=grace)
             claimed = await session.execute(
@@ -232,13 +227,6 @@ class KeyService:
             await self.audit.record(
                 AuditEvent(actor, action, row.id, namespace=row.namespace_id, details=details)
             )
-
-    def _scoped(self, namespace_id: str | None):  # type: ignore[no-untyped-def]
-        return (
-            self.db.admin_session()
-            if namespace_id is None
-            else self.db.namespace_session(namespace_id)
-        )
 
     async def authenticate(self, plaintext: str) -> Principal:
         """The principal of a valid key; AuthError with one vague message for every failure."""

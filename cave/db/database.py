@@ -90,6 +90,12 @@ class Database:
             raise InvalidArgumentError(f"namespace id must be a non-empty string: {namespace_id!r}")
         return self._transaction(Scope(namespace_id=namespace_id))
 
+    def scoped_session(self, namespace_id: str | None) -> AbstractAsyncContextManager[AsyncSession]:
+        """The namespace's transaction, or the admin's when namespace_id is None."""
+        if namespace_id is None:
+            return self.admin_session()
+        return self.namespace_session(namespace_id)
+
     def read_session(self, namespace_id: str | None) -> AbstractAsyncContextManager[AsyncSession]:
         """A transaction for reading only (the admin's when namespace_id is None): it does not
         queue behind writers. Writing in it is a bug (SQLite may refuse with "busy")."""
