@@ -1,21 +1,116 @@
-"""SandboxDirectory: a named Ray actor that maps sandbox ids to their actor handles and nodes."""
+"""SandboxDirectory: a named Ray actor that places sandboxes and maps their ids to actors and nodes.
+
+It is the one place that counts sandboxes per node, so placement is exact under concurrent
+creates: a create reserves a node here first, the node's warm pool registers the started actor.
+It lives on the head node, which a cluster cannot lose without losing everything else too.
+"""
 
 from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
 
 import ray
 from ray.actor import ActorHandle
 
+from actors.placement import DEFAULT_POOL, SandboxNode, demand_bundles, pick, sandbox_nodes
 from cave.errors import SandboxNotFoundError
 
 DIRECTORY_NAME = "cave-directory"
+NODE_TABLE_TTL_S = 0.5  # ray.nodes() is a GCS round trip: placement reuses it this long
+RESERVATION_TTL_S = 120.0  # a reservation never registered belongs to a create that died
+HEAD_NODE = {"node:__internal_head__": 0.001}
+
+log = logging.getLogger("cave.placement")
 
 
 class DirectoryService:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[ActorHandle, str]] = {}
+        self._reserved: dict[str, tuple[str, float]] = {}  # sandbox id -> (node, deadline)
+        self._waiting: dict[str, str] = {}  # sandbox id -> pool, creates waiting for room
+        self._nodes: dict[str, SandboxNode] = {}
+        self._alive: set[str] = set()
+        self._nodes_at = 0.0
+        self._max_per_node = 0
+        self._demand_published = False
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def reserve(
+        self, sandbox_id: str, pool: str = DEFAULT_POOL, max_per_node: int = 16, wait: bool = False
+    ) -> str | None:
+        """A node for this sandbox, held until it registers; None when the pool is full.
+        `wait`: the caller will ask again, so the autoscaler is told about this create."""
+        self._refresh_nodes(max_per_node)
+        self._expire_reservations()
+        node = pick(self._nodes.values(), self.load(), pool)
+        if node is None:
+            if wait and self._waiting.get(sandbox_id) != pool:
+                self._waiting[sandbox_id] = pool
+                self._publish_demand()
+            return None
+        self._reserved[sandbox_id] = (node, time.monotonic() + RESERVATION_TTL_S)
+        if self._waiting.pop(sandbox_id, None) is not None:
+            self._publish_demand()
+        return node
+
+    def release(self, sandbox_id: str) -> None:
+        """Give up a reservation or a wait (the create failed or gave up)."""
+        self._reserved.pop(sandbox_id, None)
+        if self._waiting.pop(sandbox_id, None) is not None:
+            self._publish_demand()
+
+    def load(self) -> dict[str, int]:
+        """Sandboxes per node, the reserved ones included."""
+        counts = Counter(node for _, node in self._entries.values())
+        counts.update(node for node, _ in self._reserved.values())
+        return dict(counts)
+
+    def nodes(self, max_per_node: int) -> list[SandboxNode]:
+        """The alive nodes that host sandboxes."""
+        self._refresh_nodes(max_per_node)
+        return list(self._nodes.values())
+
+    def _refresh_nodes(self, max_per_node: int, force: bool = False) -> None:
+        now = time.monotonic()
+        fresh = now - self._nodes_at < NODE_TABLE_TTL_S and max_per_node == self._max_per_node
+        if fresh and not force:
+            return
+        table = ray.nodes()
+        self._nodes = {n.node_id: n for n in sandbox_nodes(table, max_per_node)}
+        self._alive = {n["NodeID"] for n in table if n.get("Alive")}
+        self._nodes_at, self._max_per_node = now, max_per_node
+
+    def _expire_reservations(self) -> None:
+        now = time.monotonic()
+        for sandbox_id, (_, deadline) in list(self._reserved.items()):
+            if deadline < now:
+                del self._reserved[sandbox_id]
+
+    def _publish_demand(self) -> None:
+        """Tell the autoscaler how many sandboxes want room: placed ones plus waiting ones.
+        With nobody waiting the request is withdrawn, so that idle nodes may go again."""
+        from ray.autoscaler.sdk import request_resources
+
+        if not self._waiting:
+            if self._demand_published:
+                request_resources(bundles=[])
+                self._demand_published = False
+            return
+        pools = {node.node_id: node.pool for node in self._nodes.values()}
+        occupied: Counter[str] = Counter()
+        for node, count in self.load().items():
+            occupied[pools.get(node, DEFAULT_POOL)] += count
+        request_resources(**demand_bundles(occupied, self._waiting.values()))
+        self._demand_published = True
+
+    # -- the directory -----------------------------------------------------------------------
 
     def register(self, sandbox_id: str, actor: ActorHandle, node_id: str) -> None:
         self._entries[sandbox_id] = (actor, node_id)
+        self._reserved.pop(sandbox_id, None)
 
     def lookup(self, sandbox_id: str) -> tuple[ActorHandle, str]:
         try:
@@ -29,5 +124,13 @@ class DirectoryService:
     def ids(self) -> list[str]:
         return sorted(self._entries)
 
+    def on_dead_nodes(self) -> list[str]:
+        """The sandboxes registered on nodes that are no longer alive (checked now)."""
+        self._refresh_nodes(self._max_per_node or 1, force=True)
+        for sandbox_id, (node, _) in list(self._reserved.items()):
+            if node not in self._alive:
+                del self._reserved[sandbox_id]
+        return sorted(sid for sid, (_, node) in self._entries.items() if node not in self._alive)
 
-SandboxDirectory = ray.remote(num_cpus=0, max_restarts=-1)(DirectoryService)
+
+SandboxDirectory = ray.remote(num_cpus=0, max_restarts=-1, resources=HEAD_NODE)(DirectoryService)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -18,13 +19,21 @@ from ray.exceptions import (
 )
 
 from actors.isolation.results import ExecResult, OutputChunk
+from actors.placement import DEFAULT_POOL, SandboxNode
 from actors.sandbox_actor import ExecOutput, SandboxInfo
 from actors.sandboxes import choose_node, directory, warm_pool
-from cave.errors import CaveError, SandboxError, SandboxNotFoundError, SandboxStateError
+from cave.errors import (
+    CapacityError,
+    CaveError,
+    SandboxError,
+    SandboxNotFoundError,
+    SandboxStateError,
+)
 from config.settings import SandboxLimits, Settings
 
 T = TypeVar("T")
 PROBE_TIMEOUT_S = 5.0
+WAIT_POLL_S = 0.25  # how often a create waiting for room asks again
 
 
 @contextmanager
@@ -48,16 +57,72 @@ async def call(sandbox_id: str, ref: Awaitable[T]) -> T:
         return await ref
 
 
+async def reserve(
+    sandbox_id: str, settings: Settings, pool: str = DEFAULT_POOL, wait_s: float = 0.0
+) -> str:
+    """A node with room for this sandbox, held for it until it registers. When the pool is full
+    the create fails at once (CapacityError), or with `wait_s` asks again until then while the
+    autoscaler is told that a sandbox waits for room."""
+    deadline = time.monotonic() + wait_s
+    places = directory()
+    while True:
+        node: str | None = await places.reserve.remote(
+            sandbox_id, pool, settings.placement.max_per_node, wait_s > 0
+        )
+        if node is not None:
+            return node
+        if time.monotonic() >= deadline:
+            await places.release.remote(sandbox_id)
+            waited = f" within {wait_s:g} s" if wait_s > 0 else ""
+            raise CapacityError(
+                f"no node of pool {pool!r} has room for another sandbox{waited}; "
+                "stop a sandbox, add a node, or ask to wait (wait_s)"
+            )
+        await asyncio.sleep(WAIT_POLL_S)
+
+
 async def create(
-    sandbox_id: str, limits: SandboxLimits, settings: Settings, node_id: str | None = None
+    sandbox_id: str,
+    limits: SandboxLimits,
+    settings: Settings,
+    node_id: str | None = None,
+    pool: str = DEFAULT_POOL,
+    wait_s: float = 0.0,
 ) -> tuple[ActorHandle, SandboxInfo]:
-    """A started sandbox from its node's warm pool, registered in the directory."""
-    node = await asyncio.to_thread(choose_node, node_id)  # ray.nodes() is a blocking GCS call
-    pool = await asyncio.to_thread(warm_pool, node, settings)
-    created: tuple[ActorHandle, SandboxInfo] = await call(
-        sandbox_id, pool.create.remote(sandbox_id, limits, directory())
-    )
+    """A started sandbox from its node's warm pool, registered in the directory. `node_id`
+    (already reserved, or a node asked for by name) skips placement."""
+    if node_id is None:
+        node = await reserve(sandbox_id, settings, pool, wait_s)
+    else:
+        node = await asyncio.to_thread(choose_node, node_id)  # ray.nodes(): a blocking GCS call
+    try:
+        warm = await asyncio.to_thread(warm_pool, node, settings)
+        created: tuple[ActorHandle, SandboxInfo] = await call(
+            sandbox_id, warm.create.remote(sandbox_id, limits, directory())
+        )
+    except BaseException:
+        await directory().release.remote(sandbox_id)
+        raise
     return created
+
+
+async def release(sandbox_id: str) -> None:
+    """Give back a node reserved for a sandbox that will not start."""
+    await directory().release.remote(sandbox_id)
+
+
+async def ensure_pools(settings: Settings) -> int:
+    """Start the warm pool of every sandbox node that has none yet; returns how many nodes."""
+    nodes: list[SandboxNode] = await directory().nodes.remote(settings.placement.max_per_node)
+    for node in nodes:
+        await asyncio.to_thread(warm_pool, node.node_id, settings)  # cached after the first
+    return len(nodes)
+
+
+async def on_dead_nodes() -> list[str]:
+    """The registered sandboxes whose nodes are gone."""
+    ids: list[str] = await directory().on_dead_nodes.remote()
+    return ids
 
 
 async def lookup(sandbox_id: str) -> ActorHandle | None:

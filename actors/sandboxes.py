@@ -15,6 +15,7 @@ from ray.exceptions import RayActorError
 
 from actors.directory import DIRECTORY_NAME, SandboxDirectory
 from actors.isolation.results import ExecResult, ExecStarted, OutputChunk
+from actors.placement import DEFAULT_POOL
 from actors.sandbox_actor import ExecOutput, SandboxInfo
 from actors.warm_pool import NAMESPACE, WarmPool, pinned, pool_name
 from cave.errors import CapacityError, SandboxError, SandboxStateError
@@ -152,13 +153,27 @@ def create_sandbox(
     overrides: LimitOverrides | None = None,
     node_id: str | None = None,
     sandbox_id: str | None = None,
+    pool: str = DEFAULT_POOL,
 ) -> SandboxHandle:
+    """A started sandbox on the least loaded node of `pool` (CapacityError when all are full),
+    or on `node_id` when one is named."""
     limits = resolve_limits(overrides, settings)  # bad limits fail before any actor is touched
-    node = choose_node(node_id)
     sandbox_id = sandbox_id or uuid.uuid4().hex
-    created: tuple[ActorHandle, SandboxInfo] = _get(
-        warm_pool(node, settings).create.remote(sandbox_id, limits, directory())
-    )
+    if node_id is None:
+        node: str | None = _get(
+            directory().reserve.remote(sandbox_id, pool, settings.placement.max_per_node)
+        )
+        if node is None:
+            raise CapacityError(f"no node of pool {pool!r} has room for another sandbox")
+    else:
+        node = choose_node(node_id)
+    try:
+        created: tuple[ActorHandle, SandboxInfo] = _get(
+            warm_pool(node, settings).create.remote(sandbox_id, limits, directory())
+        )
+    except BaseException:
+        _get(directory().release.remote(sandbox_id))
+        raise
     return SandboxHandle(sandbox_id, node, created[0])
 
 

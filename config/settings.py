@@ -95,6 +95,17 @@ class PoolSettings(BaseModel, frozen=True, extra="forbid"):
     size_per_node: int = Field(ge=0)
 
 
+class PlacementSettings(BaseModel, frozen=True, extra="forbid"):
+    """Where sandboxes go: see docs/placement.md."""
+
+    # Most sandboxes on a node that does not say itself (its `cave_sandbox` resource amount).
+    max_per_node: int = Field(ge=1)
+    # Longest a create may wait for room (`wait_s`) while the autoscaler adds a node.
+    max_wait_s: float = Field(ge=0, le=3600)
+    # Pools only an admin key may place sandboxes in (node label `cave.pool`).
+    restricted_pools: tuple[str, ...] = ("trusted",)
+
+
 class _AboveMaximumError(ValueError):
     """A default limit is above its maximum; carries the field so the loader can name its source."""
 
@@ -110,6 +121,7 @@ class Settings(BaseModel, frozen=True, extra="forbid"):
     maximum: SandboxLimits
     isolation: IsolationSettings
     pool: PoolSettings
+    placement: PlacementSettings
 
     @model_validator(mode="after")
     def _defaults_within_maximum(self) -> Self:
@@ -176,6 +188,8 @@ ENV_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "CAVE_ROOTFS": ("isolation", "rootfs", str),
     "CAVE_SANDBOX_UID": ("isolation", "sandbox_uid", _positive_int),
     "CAVE_POOL_SIZE": ("pool", "size_per_node", _non_negative_int),
+    "CAVE_MAX_SANDBOXES_PER_NODE": ("placement", "max_per_node", _positive_int),
+    "CAVE_PLACEMENT_MAX_WAIT_S": ("placement", "max_wait_s", _positive_float),
 }
 
 # (section, key) -> (variable, raw value) for every setting taken from the environment

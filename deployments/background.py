@@ -12,7 +12,7 @@ import httpx
 
 from cave.auth.outbox import OutboxDispatcher
 from cave.errors import ConfigError
-from deployments.sandbox_upkeep import expire_due, reconcile
+from deployments.sandbox_upkeep import expire_due, lose_dead_nodes, reconcile
 from deployments.services import Services
 
 log = logging.getLogger("cave.api")
@@ -66,6 +66,7 @@ class Upkeep:
                 return
             tick += 1
             await _guarded("expiry", expire_due(self.services.sandboxes))
+            await _guarded("node loss", lose_dead_nodes(self.services.sandboxes))
             if tick % RECONCILE_EVERY == 0:
                 await _guarded("reconcile", reconcile(self.services.sandboxes))
                 await _guarded("key use flush", self.services.keys.flush_last_used())

@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from actors import remote
+from actors.placement import DEFAULT_POOL, POOL_LABEL
 from cave.audit.event import AuditEvent, Outcome
 from cave.audit.trail import AuditTrail
 from cave.auth.keys import ForbiddenError, KeyService, Principal
@@ -67,12 +68,34 @@ class SandboxManager(SandboxOps):
         namespace = self._target_namespace(principal, request.namespace)
         overrides = parse_overrides(**request.limits.model_dump(exclude_none=True))
         limits = resolve_limits(overrides, self.settings)  # refused before anything is written
+        pool = self._pool(principal, request.labels)
+        if request.wait_s > self.settings.placement.max_wait_s:
+            raise InvalidArgumentError(
+                f"wait_s={request.wait_s:g} is above this server's most, "
+                f"{self.settings.placement.max_wait_s:g} s (placement.max_wait_s)"
+            )
         await self.ensure_namespace(namespace)
-        row, plaintext = await self._insert(principal, namespace, request, limits)
+        sandbox_id = new_id()
+        node = None
+        if request.start:  # a full cluster refuses before anything is written
+            node = await remote.reserve(sandbox_id, self.settings, pool, request.wait_s)
+        try:
+            row, plaintext = await self._insert(principal, namespace, request, limits, sandbox_id)
+        except BaseException:
+            if node is not None:
+                await remote.release(sandbox_id)
+            raise
         await self._audit(principal, "sandbox.create", row, {"name": row.name})
         if request.start:
-            row = await self._start(principal, row)
+            row = await self._start(principal, row, node)
         return CreatedSandboxOut(**sandbox_out(row).model_dump(), api_key=plaintext)
+
+    def _pool(self, principal: Principal, labels: dict[str, str]) -> str:
+        """The node pool a sandbox asks for with its `cave.pool` label; some need an admin key."""
+        pool = labels.get(POOL_LABEL, DEFAULT_POOL)
+        if pool in self.settings.placement.restricted_pools and not principal.is_admin:
+            raise ForbiddenError(f"only an admin key may place sandboxes in pool {pool!r}")
+        return pool
 
     async def _insert(
         self,
@@ -80,9 +103,9 @@ class SandboxManager(SandboxOps):
         namespace: str,
         request: CreateSandboxRequest,
         limits: SandboxLimits,
+        sandbox_id: str,
     ) -> tuple[SandboxRow, str]:
         """The record and the sandbox's own key, sealed onto it: one transaction, both or none."""
-        sandbox_id = new_id()
         async with self.db.namespace_session(namespace) as session:
             key, plaintext = self.keys.add_key(
                 session, "namespace", namespace, SANDBOX_SCOPES, name=f"sandbox {sandbox_id}"
@@ -112,13 +135,21 @@ class SandboxManager(SandboxOps):
             raise_state(row, "start")
         return sandbox_out(await self._start(principal, row))
 
-    async def _start(self, principal: Principal, row: SandboxRow) -> SandboxRow:
+    async def _start(
+        self, principal: Principal, row: SandboxRow, node: str | None = None
+    ) -> SandboxRow:
+        """Start it on `node`, reserved for it, or on a node reserved now (CapacityError when
+        every node of its pool is full, with the record as it was)."""
+        if node is None:
+            pool = row.labels.get(POOL_LABEL, DEFAULT_POOL)
+            node = await remote.reserve(row.id, self.settings, pool)
         if not await self._transition(row.id, _STARTABLE, "starting"):
+            await remote.release(row.id)
             return await self._load(principal, row.id)  # another request is starting it
         limits = SandboxLimits.model_validate(row.limits)
         try:
-            with span("sandbox.start", sandbox_id=row.id):
-                actor, info = await remote.create(row.id, limits, self.settings)
+            with span("sandbox.start", sandbox_id=row.id, node_id=node):
+                actor, info = await remote.create(row.id, limits, self.settings, node)
         except CaveError as exc:
             await self._set(row.id, state="failed", failure=str(exc))
             await self._audit(principal, "sandbox.start", row, {"error": exc.code}, "error")

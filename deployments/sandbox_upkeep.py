@@ -87,7 +87,26 @@ async def reconcile(manager: SandboxManager) -> list[str]:
         await _mark_lost(manager, sandbox_id, state)
     for sandbox_id in set(manager.live) - await remote.known_ids():
         manager.live.pop(sandbox_id, None)
+    await remote.ensure_pools(manager.settings)  # a node that joined gets its warm pool
     return [sid for sid, _ in lost]
+
+
+async def lose_dead_nodes(manager: SandboxManager) -> list[str]:
+    """Mark `lost` the sandboxes registered on nodes Ray reports dead: one directory call per
+    tick, so a node's loss shows within about a tick of Ray noticing it."""
+    gone = await remote.on_dead_nodes()
+    if not gone:
+        return []
+    query = select(SandboxRow.id, SandboxRow.state).where(
+        SandboxRow.id.in_(gone), SandboxRow.state.in_(("running", "starting", "stopping"))
+    )
+    async with manager.db.read_session(None) as session:
+        rows = [(r.id, r.state) for r in (await session.execute(query)).all()]
+    for sandbox_id, state in rows:
+        await _mark_lost(manager, sandbox_id, state)
+    for sandbox_id in set(gone) - {sid for sid, _ in rows}:
+        await remote.forget(sandbox_id)  # stopped meanwhile, or a driver's: nothing to record
+    return [sid for sid, _ in rows]
 
 
 async def _mark_lost(manager: SandboxManager, sandbox_id: str, state: str) -> None:
@@ -101,6 +120,7 @@ async def _mark_lost(manager: SandboxManager, sandbox_id: str, state: str) -> No
             .values(
                 state="lost",
                 failure="its actor is gone (its node died or the cluster restarted)",
+                stopped_at=utcnow(),
                 updated_at=utcnow(),
             )
             .execution_options(synchronize_session=False)

@@ -62,6 +62,14 @@ class CreateSandboxRequest(_Body):
         description="Stopped after this long without an exec or file call.",
     )
     start: bool = Field(True, description="False records the sandbox in state `created` only.")
+    wait_s: float = Field(
+        0,
+        ge=0,
+        le=3600,
+        description="When every node of its pool is full, wait this long for room (and ask the "
+        "autoscaler for a node) instead of failing at once with 429. At most the server's "
+        "`placement.max_wait_s`.",
+    )
 
 
 class SandboxOut(BaseModel):

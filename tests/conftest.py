@@ -9,6 +9,17 @@ from pathlib import Path
 
 import pytest
 
+MULTINODE = Path(__file__).parent / "multinode"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/multinode runs its own multi-node Ray cluster, and a driver joins one cluster per
+    process: it is a session of its own (`pytest tests/multinode`, which `make test` runs)."""
+    if collection_path != MULTINODE:
+        return None
+    asked = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    return not any(path == MULTINODE or MULTINODE in path.parents for path in asked)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(cave_state_dir: Path) -> Iterator[None]:

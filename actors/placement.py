@@ -1,0 +1,71 @@
+"""Which node takes the next sandbox: plain functions over Ray's node table, no Ray calls.
+
+A node offers sandboxes when it carries the custom resource `cave_sandbox`; its amount is the
+most sandboxes the node takes. A cluster where no node carries it (a laptop's `ray.init()`) uses
+every alive node, each taking `max_per_node`. The node label `cave.pool` puts a node in a pool;
+a sandbox asks for a pool by name, and one that asks for none goes to nodes of no pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SANDBOX_RESOURCE = "cave_sandbox"
+POOL_LABEL = "cave.pool"
+DEFAULT_POOL = "default"  # the pool of nodes without a `cave.pool` label
+
+
+@dataclass(frozen=True)
+class SandboxNode:
+    node_id: str
+    capacity: int
+    pool: str = DEFAULT_POOL
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def sandbox_nodes(nodes: Iterable[Mapping[str, Any]], max_per_node: int) -> list[SandboxNode]:
+    """The alive nodes that host sandboxes, from `ray.nodes()` entries."""
+    alive = [n for n in nodes if n.get("Alive")]
+    declared = [n for n in alive if n.get("Resources", {}).get(SANDBOX_RESOURCE, 0) > 0]
+    if declared:
+        return [_node(n, int(n["Resources"][SANDBOX_RESOURCE])) for n in declared]
+    return [_node(n, max_per_node) for n in alive]
+
+
+def _node(entry: Mapping[str, Any], capacity: int) -> SandboxNode:
+    labels = dict(entry.get("Labels") or {})
+    return SandboxNode(entry["NodeID"], capacity, labels.get(POOL_LABEL, DEFAULT_POOL), labels)
+
+
+def pick(
+    nodes: Iterable[SandboxNode], load: Mapping[str, int], pool: str = DEFAULT_POOL
+) -> str | None:
+    """The least loaded node of the pool with room left, or None when every one is full.
+
+    Load is relative to capacity, so that a node twice the size takes twice the sandboxes; ties
+    go to the node with fewer sandboxes, then by id, so that equal nodes fill in turn.
+    """
+    best: tuple[float, int, str] | None = None
+    for node in nodes:
+        used = load.get(node.node_id, 0)
+        if node.pool != pool or used >= node.capacity:
+            continue
+        rank = (used / node.capacity, used, node.node_id)
+        if best is None or rank < best:
+            best = rank
+    return None if best is None else best[2]
+
+
+def demand_bundles(occupied: Mapping[str, int], waiting: Iterable[str]) -> dict[str, Any]:
+    """`ray.autoscaler.sdk.request_resources` arguments asking room for every placed sandbox
+    (by pool) and every waiting create. The autoscaler compares them with the cluster's total
+    `cave_sandbox` capacity, so the waiting ones are what makes it add a node."""
+    pools = [pool for pool, count in occupied.items() for _ in range(count)] + list(waiting)
+    return {
+        "bundles": [{SANDBOX_RESOURCE: 1} for _ in pools],
+        "bundle_label_selectors": [
+            {} if pool == DEFAULT_POOL else {POOL_LABEL: pool} for pool in pools
+        ],
+    }

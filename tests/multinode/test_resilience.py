@@ -1,0 +1,113 @@
+"""A redeploy of the API and the loss of a node, on the simulated cluster. Runs after
+test_placement.py: losing a node is the last thing this cluster goes through."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tests.multinode.conftest import MultiNode
+from tests.multinode.test_placement import alive_actors, create, exec_ok, stop_all_sandboxes
+from tests.support import poll_until
+
+
+def api_replicas() -> set[str]:
+    return {
+        a["ActorID"]
+        for a in alive_actors()
+        if a["ActorClassName"].startswith("ServeReplica") and "ApiIngress" in a["ActorClassName"]
+    }
+
+
+def test_a_rolling_redeploy_of_the_api_keeps_sandboxes_alive(multinode: MultiNode) -> None:
+    from ray import serve
+
+    from deployments.app import APP_NAME, build_app
+
+    with multinode.client() as client:
+        sandbox = create(client).json()
+        exec_ok(client, sandbox["id"], "echo before > /tmp/mark")
+        old = api_replicas()
+        assert old
+
+        env = {**multinode.env, "CAVE_REDEPLOY_MARK": "2"}  # a new version of the app
+        serve.run(build_app({"env": env, "models": []}), name=APP_NAME, route_prefix="/")
+        poll_until(lambda: api_replicas() and not api_replicas() & old, timeout_s=120)
+        poll_until(lambda: client.get("/readyz").status_code == 200, timeout_s=60)
+
+        out = exec_ok(client, sandbox["id"], "cat /tmp/mark")
+        assert out["stdout"].strip() == "before"  # the same sandbox, its files kept
+        assert client.get(f"/api/v1/sandboxes/{sandbox['id']}").json()["state"] == "running"
+        stop_all_sandboxes(client)
+
+
+def test_losing_a_node_loses_exactly_its_sandboxes(multinode: MultiNode) -> None:
+    with multinode.client() as client:
+        created = [create(client).json() for _ in range(4)]
+        for sandbox in created:
+            exec_ok(client, sandbox["id"])
+        by_node = Counter(s["node_id"] for s in created)
+        doomed = next(n for n in multinode.sandbox_nodes if by_node[n])
+        on_doomed = {s["id"] for s in created if s["node_id"] == doomed}
+        others = [s for s in created if s["id"] not in on_doomed]
+
+        multinode.cluster.remove_node(multinode.sandbox_nodes[doomed], allow_graceful=False)
+
+        def states() -> dict[str, str]:
+            return {
+                s["id"]: client.get(f"/api/v1/sandboxes/{s['id']}").json()["state"] for s in created
+            }
+
+        poll_until(
+            lambda: all(states()[sid] == "lost" for sid in on_doomed),
+            timeout_s=30,
+            what="the dead node's sandboxes marked lost",
+        )
+        assert all(states()[s["id"]] == "running" for s in others)
+        for sandbox in others:
+            exec_ok(client, sandbox["id"])
+        lost = client.get(f"/api/v1/sandboxes/{next(iter(on_doomed))}").json()
+        assert "node died" in lost["failure"]
+
+        metrics = client.get("/metrics").text
+        assert _gauge(metrics, 'cave_sandboxes{state="lost"}') >= len(on_doomed)
+
+        again = create(client)
+        assert again.status_code == 201
+        assert again.json()["node_id"] != doomed
+        stop_all_sandboxes(client)
+
+
+def _gauge(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in /metrics")
+
+
+def test_a_lost_sandboxs_record_and_history_stay(multinode: MultiNode) -> None:
+    import asyncio
+
+    from sqlalchemy import func, select
+
+    from cave.db import Database, ExecutionRow, load_database_settings
+
+    with multinode.client() as client:
+        lost = client.get("/api/v1/sandboxes", params={"state": "lost"}).json()["items"]
+    assert lost
+
+    async def executions() -> dict[str, int]:
+        db = await Database.connect(load_database_settings(multinode.env))
+        try:
+            async with db.read_session(None) as session:
+                query = select(ExecutionRow.sandbox_id, func.count()).group_by(
+                    ExecutionRow.sandbox_id
+                )
+                return {sid: n for sid, n in (await session.execute(query)).all()}
+        finally:
+            await db.close()
+
+    counts: dict[str, Any] = poll_until(
+        lambda: asyncio.run(executions()), timeout_s=10, what="execution records"
+    )
+    assert all(counts.get(s["id"], 0) >= 1 for s in lost)
