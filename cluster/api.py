@@ -10,7 +10,9 @@ import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from ray import serve
 
 from cave.auth.bootstrap import create_admin_key
@@ -21,6 +23,7 @@ from deployments.app import APP_NAME, build_app
 API_FILE = "api.json"
 DEFAULT_PORT = 8000
 _PASSED_PREFIXES = ("CAVE_", "BKG_", "OTEL_")
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "config" / "serve.yaml"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,20 @@ def api_env(env: Mapping[str, str], cwd: Path) -> dict[str, str]:
     return passed
 
 
+def api_autoscaling(config: Path = SERVE_CONFIG) -> dict[str, Any]:
+    """The ApiIngress autoscaling_config of config/serve.yaml, so that `cave up` and `serve
+    deploy config/serve.yaml` scale the API alike."""
+    try:
+        document = yaml.safe_load(config.read_text())
+        (app,) = document["applications"]
+        for deployment in app.get("deployments") or []:
+            if deployment.get("name") == "ApiIngress":
+                return dict(deployment.get("autoscaling_config") or {})
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{config}: cannot read the API's autoscaling_config: {exc}") from None
+    return {}
+
+
 def api_port(env: Mapping[str, str]) -> int:
     raw = env.get("CAVE_API_PORT")
     if raw is None:
@@ -56,16 +73,16 @@ def deploy_api(home: Path, env: Mapping[str, str], cwd: Path) -> ApiInfo:
 
     The key is made once per deployment and kept in CAVE_HOME/api.json; a later `cave up`
     prints the same one while the API keeps running."""
-    replica_env = api_env(env, cwd)
+    app = build_app({"env": api_env(env, cwd), "autoscaling": api_autoscaling()})
     known = read_api_info(home)
     if known is not None and _serving(known.url):
-        serve.run(build_app({"env": replica_env}), name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/")
         return known
     port = api_port(env)
     host = env.get("CAVE_API_HOST", "127.0.0.1")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app({"env": replica_env}), name=APP_NAME, route_prefix="/")
-    admin_key = asyncio.run(create_admin_key({**env, **replica_env}))
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    admin_key = asyncio.run(create_admin_key({**env, **api_env(env, cwd)}))
     info = ApiInfo(f"http://{host}:{port}", admin_key)
     _write_api_info(home, info)
     return info

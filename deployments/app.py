@@ -153,16 +153,21 @@ class ApiIngress:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """`serve run deployments.app:build_app env.BKG_DB_PATH=...` or a config file's `args`:
-    `{"env": {...}, "num_replicas": N, "models": [...]}`; anything else is an error, not ignored.
-    Each model becomes a ModelEngine deployment of the same application."""
-    known = {"env", "num_replicas", "models"}
+    `{"env": {...}, "num_replicas": N, "autoscaling": {...}, "models": [...]}`; anything else is
+    an error, not ignored. `autoscaling`: Serve's autoscaling_config for the API replicas (and so
+    the chat gateway in them). Each model becomes a ModelEngine deployment of the same app."""
+    known = {"env", "num_replicas", "autoscaling", "models"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown build_app args {unknown}; known: {sorted(known)}")
     env = {str(k): str(v) for k, v in dict(args.get("env") or {}).items()}
     deployment: Any = ApiIngress  # serve.deployment made it a Deployment; its stubs can't say
+    if "num_replicas" in args and "autoscaling" in args:
+        raise ValueError("give num_replicas or autoscaling, not both")
     if "num_replicas" in args:
         deployment = deployment.options(num_replicas=int(args["num_replicas"]))
+    if args.get("autoscaling"):
+        deployment = deployment.options(autoscaling_config=dict(args["autoscaling"]))
     return deployment.bind(env, engine_apps(_model_specs(args, env)))
 
 

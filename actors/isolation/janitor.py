@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from actors.isolation.backend import Backend
 
 log = logging.getLogger("cave.janitor")
 OWNER_FILE = "owner"
+CLAIM_GRACE_S = 60.0
 
 
 def claim(sandbox_dir: Path) -> None:
@@ -21,10 +23,25 @@ def claim(sandbox_dir: Path) -> None:
 
 def _owner_alive(sandbox_dir: Path) -> bool:
     try:
-        os.kill(int((sandbox_dir / OWNER_FILE).read_text()), 0)
-    except (OSError, ValueError):  # no owner file, or an owner that has exited
+        owner = (sandbox_dir / OWNER_FILE).read_text()
+    except FileNotFoundError:
+        # Between claim's mkdir and its write the owner is not written yet: a pool on another
+        # node of this machine (or this one's next refill) must not take that for abandoned.
+        return _younger_than(sandbox_dir, CLAIM_GRACE_S)
+    except OSError:
+        return False
+    try:
+        os.kill(int(owner), 0)
+    except (OSError, ValueError):  # an owner that has exited, or a file that is not a pid
         return False
     return True
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
 
 
 def sweep(backend: Backend) -> list[str]:

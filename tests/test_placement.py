@@ -1,0 +1,82 @@
+"""The placement rules on Ray's node table, without Ray: which nodes, which one, what demand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from actors.placement import SandboxNode, demand_bundles, pick, sandbox_nodes
+from cave.errors import ConfigError
+from config.settings import load_settings
+
+
+def entry(node_id: str, alive: bool = True, slots: int | None = None, **labels: str) -> Any:
+    resources = {"CPU": 4.0, **({"cave_sandbox": float(slots)} if slots else {})}
+    return {"NodeID": node_id, "Alive": alive, "Resources": resources, "Labels": labels}
+
+
+def test_only_nodes_declaring_cave_sandbox_take_sandboxes_with_their_own_capacity() -> None:
+    table = [entry("head"), entry("a", slots=50), entry("b", slots=10), entry("dead", False, 50)]
+    nodes = sandbox_nodes(table, max_per_node=16)
+    assert [(n.node_id, n.capacity) for n in nodes] == [("a", 50), ("b", 10)]
+
+
+def test_a_cluster_where_no_node_declares_it_uses_every_alive_node() -> None:
+    nodes = sandbox_nodes([entry("one"), entry("two"), entry("gone", False)], max_per_node=16)
+    assert [(n.node_id, n.capacity) for n in nodes] == [("one", 16), ("two", 16)]
+
+
+def test_the_pool_comes_from_the_cave_pool_label() -> None:
+    nodes = sandbox_nodes([entry("t", slots=2, **{"cave.pool": "trusted"}), entry("d", slots=2)], 1)
+    assert {n.node_id: n.pool for n in nodes} == {"t": "trusted", "d": "default"}
+
+
+def test_the_least_loaded_node_relative_to_its_size_wins() -> None:
+    nodes = [SandboxNode("big", 10), SandboxNode("small", 2)]
+    assert pick(nodes, {"big": 4, "small": 1}) == "big"  # 40% < 50%
+    assert pick(nodes, {"big": 6, "small": 1}) == "small"  # 60% > 50%
+
+
+def test_equal_nodes_fill_in_turn() -> None:
+    nodes = [SandboxNode(n, 3) for n in ("a", "b", "c")]
+    load: dict[str, int] = {}
+    order = []
+    for _ in range(6):
+        node = pick(nodes, load)
+        assert node is not None
+        order.append(node)
+        load[node] = load.get(node, 0) + 1
+    assert order == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_full_nodes_and_other_pools_are_never_picked() -> None:
+    nodes = [SandboxNode("a", 1), SandboxNode("t", 5, pool="trusted")]
+    assert pick(nodes, {"a": 1}) is None
+    assert pick(nodes, {"a": 1}, pool="trusted") == "t"
+    assert pick(nodes, {}, pool="gpu") is None
+
+
+def test_demand_asks_room_for_the_placed_and_the_waiting() -> None:
+    demand = demand_bundles({"default": 2, "trusted": 1}, ["trusted"])
+    assert demand["bundles"] == [{"cave_sandbox": 1}] * 4
+    trusted = {"cave.pool": "trusted"}
+    assert demand["bundle_label_selectors"] == [{}, {}, trusted, trusted]
+
+
+def test_placement_settings_come_from_the_file_and_the_environment() -> None:
+    settings = load_settings(env={})
+    assert settings.placement.max_per_node == 16
+    assert settings.placement.restricted_pools == ("trusted",)
+    changed = load_settings(
+        env={"CAVE_MAX_SANDBOXES_PER_NODE": "40", "CAVE_PLACEMENT_MAX_WAIT_S": "10"}
+    )
+    assert (changed.placement.max_per_node, changed.placement.max_wait_s) == (40, 10.0)
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("CAVE_MAX_SANDBOXES_PER_NODE", "0"), ("CAVE_PLACEMENT_MAX_WAIT_S", "x")]
+)
+def test_bad_placement_settings_are_refused_by_name(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(env={variable: value})
