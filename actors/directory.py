@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from typing import Any
 
 import ray
 from ray.actor import ActorHandle
@@ -21,6 +22,7 @@ DIRECTORY_NAME = "cave-directory"
 NODE_TABLE_TTL_S = 0.5  # ray.nodes() is a GCS round trip: placement reuses it this long
 RESERVATION_TTL_S = 120.0  # a reservation never registered belongs to a create that died
 HEAD_NODE = {"node:__internal_head__": 0.001}
+RESTORE_TIMEOUT_S = 10.0
 
 log = logging.getLogger("cave.placement")
 
@@ -35,6 +37,34 @@ class DirectoryService:
         self._nodes_at = 0.0
         self._max_per_node = 0
         self._demand_published = False
+        if ray.is_initialized():
+            self._restore()
+
+    def _restore(self) -> None:
+        """Register again what the warm pools handed out. Empty on a first start; after a crash
+        (Ray restarts this actor with nothing in memory) it keeps the reconciler from taking
+        every running sandbox for lost."""
+        from actors.warm_pool import POOL_PREFIX
+
+        pools = []
+        for name in ray.util.list_named_actors():
+            if name.startswith(POOL_PREFIX):
+                try:
+                    pools.append(ray.get_actor(name))
+                except ValueError:
+                    continue  # gone between the listing and here
+        for pool in pools:
+            try:
+                reply: Any = pool.claims.remote()  # Ray's stubs can't type a remote result
+                claims: dict[str, tuple[ActorHandle, str]] = ray.get(
+                    reply, timeout=RESTORE_TIMEOUT_S
+                )
+            except Exception:  # a pool on a dead node: its sandboxes are lost anyway
+                log.warning("directory restore: a warm pool did not answer", exc_info=True)
+                continue
+            self._entries.update(claims)
+        if self._entries:
+            log.warning("directory restored %d sandboxes from the warm pools", len(self._entries))
 
     # -- placement ---------------------------------------------------------------------------
 

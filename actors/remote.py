@@ -28,6 +28,7 @@ from cave.errors import (
     SandboxError,
     SandboxNotFoundError,
     SandboxStateError,
+    ServiceUnavailableError,
 )
 from config.settings import SandboxLimits, Settings
 
@@ -48,6 +49,10 @@ def translated(sandbox_id: str) -> Iterator[None]:
         raise SandboxError(f"sandbox {sandbox_id}: {exc.cause!r}") from exc
     except RayActorError as exc:
         raise SandboxStateError(f"sandbox {sandbox_id} is stopped or lost") from exc
+    except ActorUnavailableError as exc:  # restarting, or its node briefly unreachable
+        raise ServiceUnavailableError(
+            f"sandbox {sandbox_id}: an actor it needs is restarting; retry in a moment"
+        ) from exc
     except (RaySystemError, GetTimeoutError) as exc:
         raise SandboxError(f"sandbox {sandbox_id}: {exc}") from exc
 

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.isolation import janitor
@@ -16,11 +17,13 @@ from config.settings import IsolationSettings, SandboxLimits
 
 log = logging.getLogger("cave.pool")
 NAMESPACE = "cave"
+POOL_PREFIX = "cave-pool-"
+PRUNE_EVERY = 64  # claims between two prunes of the handed-out list
 REFILL_DELAY_S = 0.05
 
 
 def pool_name(node_id: str) -> str:
-    return f"cave-pool-{node_id}"
+    return f"{POOL_PREFIX}{node_id}"
 
 
 def pinned(node_id: str) -> dict[str, Any]:
@@ -39,6 +42,8 @@ class PoolService:
         self._ready: asyncio.Queue[ActorHandle] = asyncio.Queue()
         self._filling = 0
         self.created = 0
+        # What this pool handed out, so that a restarted directory can learn it again.
+        self._claimed: dict[str, ActorHandle] = {}
 
     def _new_actor(self) -> ActorHandle:
         self.created += 1
@@ -90,12 +95,30 @@ class PoolService:
         try:
             info: SandboxInfo = await actor.start.remote(sandbox_id, limits)
             await directory.register.remote(sandbox_id, actor, self.node_id)
+            self._claimed[sandbox_id] = actor
+            if len(self._claimed) % PRUNE_EVERY == 0:
+                asyncio.ensure_future(self.claims())  # forget the stopped ones now and then
         except BaseException:
             ray.kill(actor)
             raise
         finally:
             self._refill_after_reply()
         return actor, info
+
+    async def claims(self, timeout_s: float = 5.0) -> dict[str, tuple[ActorHandle, str]]:
+        """The sandboxes this pool handed out whose actors still live (the stopped ones are
+        forgotten here): what the directory registers again after a restart."""
+        probes: dict[str, Any] = {
+            sid: actor.__ray_ready__.remote() for sid, actor in self._claimed.items()
+        }
+        for sandbox_id, probe in probes.items():
+            try:
+                await asyncio.wait_for(probe, timeout_s)
+            except RayActorError:
+                self._claimed.pop(sandbox_id, None)
+            except TimeoutError:
+                pass  # busy or briefly unreachable is not dead
+        return {sid: (actor, self.node_id) for sid, actor in self._claimed.items()}
 
     def stats(self) -> dict[str, int]:
         return {

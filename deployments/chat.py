@@ -3,7 +3,9 @@
 Nothing here touches the database before the first token: the key is checked against the
 signing keys and the revocation set held in memory, and the usage record is written after the
 stream ends, in the replica's batch (deployments/exec_records.py). A model no local engine serves
-goes to a peer cluster (inference/peers.py) with the caller's own key.
+goes to a peer cluster (inference/peers.py) with the caller's own key. The local engines are the
+models file's (fixed for the replica's life) and the admin API's (`set_registered`, kept current
+by deployments/llm_services.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from cave.errors import (
     ConfigError,
     InferenceUnavailableError,
     InvalidArgumentError,
+    NotFoundError,
     RateLimitedError,
 )
 from deployments.bearer import bearer_token
@@ -30,6 +33,7 @@ from inference.peers import PeerRouter, names_unknown_key
 NAMESPACE_HEADER = "x-cave-namespace"
 CHAT_SCOPE = "llm:chat"
 FORWARDED_KEYS = 4096  # keys held between authorize and stream for requests bound to a peer
+REMOVED_MODELS = 4096  # ids of deleted models remembered, so that their callers get a 404
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Usage:
 
 
 class ChatGateway:
-    """One replica's chat path. `engines` maps a model id to a Serve handle of a ModelEngine."""
+    """One replica's chat path. `engines` maps a model id to a Serve handle of a ModelEngine:
+    the models file's, given at start, and those added through the admin API."""
 
     def __init__(
         self,
@@ -63,9 +68,11 @@ class ChatGateway:
         models not served here go; `issuer`: this cluster's CAVE_LLM_ISSUER."""
         self.verifier = verifier  # inference.tokens.TokenVerifier
         self.recorder = recorder
+        self._static = dict(engines)  # the models file's: never replaced or removed
         self.engines = dict(engines)
         # One streaming handle per model, made once: `options()` builds a new handle each call.
         self._streams = {model: h.options(stream=True) for model, h in self.engines.items()}
+        self._removed: dict[str, None] = {}  # deleted through the API (ordered: oldest first)
         self.served_by = served_by
         self.limiter = limiter if (rpm or tpm) else None
         self.rpm, self.tpm = rpm, tpm
@@ -76,11 +83,32 @@ class ChatGateway:
         if (rpm or tpm) and limiter is None:
             raise ConfigError("a rate limit is set (CAVE_LLM_RPM/TPM) but no limiter is given")
 
+    def set_registered(self, handles: Mapping[str, Any]) -> None:
+        """The engines of the models added through the admin API (model id -> handle), in place
+        of the last set. A models-file model keeps its own engine; a model that leaves the set
+        is remembered as removed, so that a request for it is a 404 rather than a 503."""
+        added = {m: h for m, h in handles.items() if m not in self._static}
+        for model in set(self.engines) - set(self._static) - set(added):
+            self._removed[model] = None
+            if len(self._removed) > REMOVED_MODELS:
+                del self._removed[next(iter(self._removed))]
+        for model in added:
+            self._removed.pop(model, None)
+        self.engines = {**added, **self._static}
+        self._streams = {
+            m: self._streams.get(m) or h.options(stream=True) for m, h in self.engines.items()
+        }
+
+    def is_static(self, model: str) -> bool:
+        """Whether `model` comes from the models file (read-only over the API)."""
+        return model in self._static
+
     async def registry(self) -> dict[str, list[dict[str, Any]]]:
-        """Each model id and where it is served: the local engine (its kind), and the peers that
-        list it (with their health)."""
+        """Each models-file model and peer model, and where it is served: the local engine (its
+        kind), and the peers that list it (with their health). The admin API's models are
+        listed by deployments/llm_services.py, which knows their Serve status."""
         served: dict[str, list[dict[str, Any]]] = {}
-        for model, handle in self.engines.items():
+        for model, handle in self._static.items():
             info = await handle.info.remote()
             served.setdefault(model, []).append(
                 {"kind": "local", "name": "local", "engine": info.get("engine"), "healthy": True}
@@ -133,12 +161,15 @@ class ChatGateway:
 
     def engine_for(self, model: str) -> Any:
         """The local engine's handle; None when only peers serve `model` and one of them is
-        healthy; InferenceUnavailableError (503) when nobody can."""
+        healthy; NotFoundError (404) for a model deleted through the admin API, and
+        InferenceUnavailableError (503) for any other model nobody can serve."""
         engine = self.engines.get(model)
         if engine is not None:
             return engine
         if self.peers is not None and self.peers.candidates(model):
             return None
+        if model in self._removed:
+            raise NotFoundError(f"model {model!r} was removed from the model registry")
         raise InferenceUnavailableError(f"no engine or healthy peer serves model {model!r}")
 
     async def stream(
@@ -162,7 +193,9 @@ class ChatGateway:
 
     async def _local(self, engine: Any, body: ChatCompletionIn) -> AsyncIterator[dict[str, Any]]:
         request = engine_request(body)
-        async for delta in self._streams[body.model].stream.remote(request):
+        # The model may have been deleted since engine_for: this request still uses its handle.
+        streams = self._streams.get(body.model) or engine.options(stream=True)
+        async for delta in streams.stream.remote(request):
             yield delta
 
     async def _remote(self, claims: Any, body: ChatCompletionIn) -> AsyncIterator[dict[str, Any]]:

@@ -4,21 +4,33 @@ Every engine kind answers `handle.options(stream=True).stream.remote(request_dic
 ChatDelta dicts (the last one with finish_reason and token counts) and `info()`, so the gateway
 routes to a CPU model and to a vLLM model the same way. A vLLM model is two deployments: Ray
 Serve LLM's `LLMServer` on GPU nodes and a `ModelEngine` adapter in front of it.
+
+A model added through the admin API is its own Serve application (`model_app_name`), deployed
+and deleted from inside an API replica; the functions that talk to the Serve controller block,
+so callers run them in a thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import contextlib
+import copy
+import hashlib
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 
-from cave.errors import ConfigError
+from cave.errors import ConfigError, InferenceUnavailableError
 from inference.engine import ChatEngine, delta_to_dict, request_from_dict
 from inference.registry import ModelSpec
 
 ENGINE_APP_NAME = "cave-llm"
+MODEL_APP_PREFIX = "cave-model-"  # + the model id made safe: the Serve app of an API-added model
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # The vLLM adapter only relays chunks: many streams per replica, no CPU reserved.
 _ADAPTER_OPTIONS: dict[str, Any] = {
     "ray_actor_options": {"num_cpus": 0},
@@ -35,7 +47,7 @@ def make_engine(
     if spec.engine == "cpu":
         from inference.cpu_engine import CpuEngine  # torch is imported only where it runs
 
-        return CpuEngine(Path(spec.source), spec.model_id)
+        return CpuEngine(Path(spec.source), spec.model_id, use_gpu=spec.num_gpus > 0)
     if llm_server is None:
         raise ConfigError(f"model {spec.model_id!r}: a vLLM model needs its LLMServer handle")
     from inference.vllm_engine import VllmChatEngine
@@ -99,11 +111,26 @@ def build_engine_app(specs: Iterable[ModelSpec]) -> serve.Application:
     return EngineCatalog.bind(engine_apps(specs))  # type: ignore[attr-defined]
 
 
-def _engine_app(spec: ModelSpec) -> serve.Application:
-    options = dict(_CPU_OPTIONS if spec.engine == "cpu" else _ADAPTER_OPTIONS)
+def engine_options(spec: ModelSpec) -> dict[str, Any]:
+    """The Serve options of the model's ModelEngine deployment: its name, the resources of each
+    replica (a cpu model with num_gpus > 0 asks Ray for that many GPUs, so only GPU nodes can
+    hold it), and its replica count or autoscaling bounds."""
+    options = copy.deepcopy(_CPU_OPTIONS if spec.engine == "cpu" else _ADAPTER_OPTIONS)
     options["name"] = engine_deployment_name(spec.model_id)
+    if spec.engine == "cpu" and spec.num_gpus > 0:
+        options["ray_actor_options"]["num_gpus"] = spec.num_gpus
     options.update(_replicas(spec))
-    deployment = ModelEngine.options(**options)  # type: ignore[attr-defined]
+    return options
+
+
+def engine_deployment(spec: ModelSpec) -> serve.Deployment:
+    """The model's ModelEngine deployment, not yet bound (`.ray_actor_options` and the other
+    options can be read from it)."""
+    return ModelEngine.options(**engine_options(spec))  # type: ignore[attr-defined,no-any-return]
+
+
+def _engine_app(spec: ModelSpec) -> serve.Application:
+    deployment = engine_deployment(spec)
     if spec.engine == "cpu":
         return deployment.bind(spec.to_dict())
     return deployment.bind(spec.to_dict(), _llm_server_app(spec))
@@ -123,3 +150,60 @@ def _llm_server_app(spec: ModelSpec) -> serve.Application:
     from inference.vllm_engine import vllm_llm_config
 
     return build_llm_deployment(vllm_llm_config(spec), name_prefix=f"vLLM:{spec.model_id}:")
+
+
+def model_app_name(model_id: str) -> str:
+    """The Serve application of a model added through the admin API. Model ids may hold `/`
+    and `:`; those become `-`, with a hash of the id so that `a/b` and `a:b` stay apart."""
+    safe = _UNSAFE.sub("-", model_id)
+    if safe != model_id:
+        safe += "-" + hashlib.sha256(model_id.encode()).hexdigest()[:8]
+    return MODEL_APP_PREFIX + safe
+
+
+def deploy_model_app(spec: ModelSpec) -> None:
+    """Deploy (or update in place) the model's own Serve app, with no HTTP route; returns once
+    the controller has it, not when its replicas are up. Blocks: run it in a thread."""
+    target = serve.RunTarget(
+        _engine_app(spec), name=model_app_name(spec.model_id), route_prefix=None
+    )
+    with _serve_errors(spec.model_id, "deploy"):
+        serve.run_many([target], wait_for_applications_running=False)
+
+
+def delete_model_app(model_id: str) -> None:
+    """Delete the model's Serve app (nothing when there is none) and wait until it is gone, so
+    that the same id may be deployed again at once. Blocks: run it in a thread."""
+    with _serve_errors(model_id, "delete"):
+        serve.delete(model_app_name(model_id))
+
+
+def model_app_statuses() -> dict[str, tuple[str, str]]:
+    """(status, message) of every Serve app of an API-added model, by app name; the status is
+    Serve's: DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING. Blocks: run it in a thread."""
+    with _serve_errors("*", "read the status of"):
+        apps = serve.status().applications
+    return {
+        name: (str(getattr(app.status, "value", app.status)), app.message)
+        for name, app in apps.items()
+        if name.startswith(MODEL_APP_PREFIX)
+    }
+
+
+def model_handle(model_id: str) -> Any:
+    """A handle of the model's ModelEngine in its own app; made locally (no controller call),
+    it stays valid across redeploys and waits for replicas while the app starts."""
+    return serve.get_deployment_handle(
+        engine_deployment_name(model_id), model_app_name(model_id), _check_exists=False
+    )
+
+
+@contextlib.contextmanager
+def _serve_errors(model_id: str, doing: str) -> Iterator[None]:
+    """Serve's and Ray's errors become InferenceUnavailableError here, at the boundary."""
+    try:
+        yield
+    except (RayServeException, RayError, TimeoutError) as exc:
+        raise InferenceUnavailableError(
+            f"cannot {doing} the Serve app of model {model_id!r}: {exc}"
+        ) from exc

@@ -97,12 +97,63 @@ class ServedAt(BaseModel):
     name: str = Field(description="`local`, or the peer's name")
     engine: str | None = Field(None, description="cpu | vllm, for local engines")
     healthy: bool
+    # Only models added through the API have these; the others' entries stay as they were.
+    status: str | None = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        description="For models added through the API: their Serve app's status (DEPLOYING, "
+        "RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, NOT_STARTED)",
+    )
+    message: str | None = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        description="Serve's explanation of that status, if any",
+    )
 
 
 class RegisteredModel(BaseModel):
     model_id: str
+    origin: Literal["config", "api", "peer"] = Field(
+        description="config: the models file (read-only over the API); api: added with PUT; "
+        "peer: only peer clusters list it"
+    )
     served_at: list[ServedAt]
 
 
 class ModelRegistryOut(BaseModel):
     models: list[RegisteredModel]
+
+
+class ModelSpecIn(BaseModel):
+    """A model to register: every ModelSpec field but the id, which is in the path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["cpu", "vllm"]
+    source: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="cpu: an absolute path to a model directory (from_pretrained layout) on "
+        "the nodes; vllm: a directory or a Hugging Face id",
+    )
+    accelerator_type: str | None = Field(
+        None, max_length=64, description='vllm only: a Ray accelerator type ("H100", "L4", ...)'
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vllm only: GPUs per replica")
+    max_model_len: int | None = Field(None, ge=1, le=10_000_000, description="vllm only")
+    min_replicas: int = Field(1, ge=0, le=64)
+    max_replicas: int = Field(1, ge=1, le=64)
+    num_gpus: float = Field(
+        0.0,
+        ge=0,
+        le=64,
+        allow_inf_nan=False,
+        description="cpu only: GPUs each replica reserves (fractions allowed); Ray places it on "
+        "a node that has them and the engine runs on CUDA there",
+    )
+
+
+class ModelSpecOut(ModelSpecIn):
+    model_id: str
+    origin: Literal["api"] = "api"
+    app: str = Field(description="The Serve application that serves it")

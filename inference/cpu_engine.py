@@ -8,6 +8,10 @@ torch already uses every core for one sequence.
 The token loop is written here rather than calling `model.generate`: it samples with a private
 `torch.Generator` (so a seeded request is reproducible whatever else runs in the process, where
 `generate` draws from torch's global generator), and it stops at once when the caller goes away.
+
+Despite the name, a model given GPUs (`num_gpus` in its spec, so `use_gpu=True`) runs on CUDA
+when torch sees a GPU there; without one (a CPU wheel of torch, or a logical GPU in a test) it
+runs on the CPU as before.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ class CpuEngine:
 
     kind = "cpu"
 
-    def __init__(self, model_dir: Path, model_id: str) -> None:
+    def __init__(self, model_dir: Path, model_id: str, use_gpu: bool = False) -> None:
+        """`use_gpu`: the replica was given GPUs; CUDA is used if torch sees one."""
         self.model_id = model_id
+        self.device = pick_device(use_gpu)
         self._tokenizer, self._model = _load(Path(model_dir), model_id)
+        self._model.to(self.device)
         self._max_positions: int | None = getattr(
             self._model.config, "max_position_embeddings", None
         )
@@ -90,14 +97,15 @@ class CpuEngine:
         budget = request.max_tokens
         if self._max_positions is not None:
             budget = min(budget, self._max_positions - len(prompt_ids))
-        generator = torch.Generator().manual_seed(
+        generator = torch.Generator(device=self.device).manual_seed(
             request.seed if request.seed is not None else secrets.randbits(63)
         )
         text = _Detokenizer(self._tokenizer)
         stops = _StopScanner(request.stop)
         finish_reason, count = "length", 0
         with torch.inference_mode():
-            out = self._model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+            ids = torch.tensor([prompt_ids], device=self.device)
+            out = self._model(input_ids=ids, use_cache=True)
             while count < budget and not cancel.is_set():
                 token = _sample(out.logits[0, -1], request.temperature, request.top_p, generator)
                 count += 1
@@ -112,9 +120,18 @@ class CpuEngine:
                     break
                 if count < budget:
                     cache = {self._cache_arg: getattr(out, self._cache_arg)}
-                    out = self._model(input_ids=torch.tensor([[token]]), use_cache=True, **cache)
+                    ids = torch.tensor([[token]], device=self.device)
+                    out = self._model(input_ids=ids, use_cache=True, **cache)
         tail = "" if stops.stopped else stops.flush()
         yield ChatDelta(tail, finish_reason, prompt_tokens=len(prompt_ids), completion_tokens=count)
+
+
+def pick_device(use_gpu: bool) -> str:
+    """ "cuda" when the replica was given GPUs and torch can use one, else "cpu". A model given
+    none stays on the CPU even where torch sees a GPU: that GPU is reserved for someone else."""
+    import torch
+
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
 def _load(model_dir: Path, model_id: str) -> tuple[Any, Any]:

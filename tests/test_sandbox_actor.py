@@ -10,9 +10,17 @@ from typing import Any
 
 import pytest
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.isolation.results import ExecResult, ExecStarted, OutputChunk
-from actors.sandboxes import choose_node, create_sandbox, get_sandbox, stop_sandbox, warm_pool
+from actors.sandboxes import (
+    SandboxHandle,
+    choose_node,
+    create_sandbox,
+    get_sandbox,
+    stop_sandbox,
+    warm_pool,
+)
 from cave.errors import (
     CapacityError,
     InvalidArgumentError,
@@ -21,6 +29,7 @@ from cave.errors import (
     SandboxStateError,
 )
 from config.settings import Settings, load_settings, parse_overrides
+from tests.support import poll_until
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -232,3 +241,34 @@ def test_interactive_stdin_past_the_cap_is_refused(settings: Settings) -> None:
         assert int(out) == accepted  # every accepted byte arrived, nothing of the refused one
     finally:
         stop_sandbox(sandbox.id)
+
+
+def test_a_restarted_directory_knows_the_running_sandboxes_again(settings: Settings) -> None:
+    from actors.sandboxes import directory
+
+    sandbox = create_sandbox(settings)
+    try:
+        places = directory()
+        ray.kill(places, no_restart=False)  # a crash: Ray restarts it with empty memory
+        poll_until(  # ray.kill returns before the kill lands
+            lambda: _restarts(places) >= 1, timeout_s=30, what="the directory restarted"
+        )
+        found = poll_until(
+            lambda: _lookup(sandbox.id), timeout_s=30, what="the directory back with the sandbox"
+        )
+        assert found.node_id == sandbox.node_id
+        assert found.run("echo still here").stdout == b"still here\n"
+    finally:
+        stop_sandbox(sandbox.id)
+
+
+def _restarts(actor: Any) -> int:
+    entry = ray._private.state.actors(actor._actor_id.hex())
+    return int(entry["NumRestarts"]) if entry["State"] == "ALIVE" else 0
+
+
+def _lookup(sandbox_id: str) -> SandboxHandle | None:
+    try:
+        return get_sandbox(sandbox_id)
+    except (SandboxNotFoundError, RayActorError, ActorUnavailableError):
+        return None  # not restored yet, or still restarting

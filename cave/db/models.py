@@ -278,3 +278,16 @@ class SigningKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     retired_at: Mapped[datetime | None]  # signs no more
     expires_at: Mapped[datetime | None]  # verifies no more: every token it signed has expired
+
+
+class RegisteredModelRow(Base):
+    """A model added through the admin API (the models file's models are not stored here); the
+    admin's alone (RLS on PostgreSQL). Every gateway replica polls the table."""
+
+    __tablename__ = "registered_models"
+
+    model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spec: Mapped[dict[str, Any]]  # the ModelSpec's fields but model_id (inference/registry.py)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_by: Mapped[str] = mapped_column(Text)  # the admin key that wrote it last

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cave.auth.keys import ForbiddenError
 from cave.db import ModelAccessRequestRow, new_id
-from cave.errors import CaveError
+from cave.errors import CaveError, ConfigError
 from deployments.chat import (
     Usage,
     chunk,
@@ -21,6 +23,7 @@ from deployments.chat import (
 )
 from deployments.deps import PrincipalDep, ServicesDep
 from deployments.errors import request_id_of
+from deployments.llm_engine import model_app_name
 from deployments.llm_schemas import (
     AccessRequestIn,
     AccessRequestList,
@@ -30,14 +33,19 @@ from deployments.llm_schemas import (
     ModelList,
     ModelOut,
     ModelRegistryOut,
+    ModelSpecIn,
+    ModelSpecOut,
     RegisteredModel,
     RevokeIn,
-    ServedAt,
 )
 from deployments.routes import ERROR_RESPONSES
+from inference.registry import MODEL_ID_PATTERN, ModelSpec
 
 router = APIRouter(tags=["model access"], responses=ERROR_RESPONSES)
 NamespaceHeader = Annotated[str | None, Header(alias="X-Cave-Namespace", max_length=63)]
+ModelIdPath = Annotated[
+    str, Path(pattern=f"^{MODEL_ID_PATTERN}$", description="May hold `/` (Hugging Face style)")
+]
 
 
 @router.post("/api/v1/llm/requests", status_code=201, response_model=AccessRequestOut)
@@ -94,16 +102,57 @@ async def revoke_key(
 
 @router.get("/api/v1/admin/llm/models", response_model=ModelRegistryOut)
 async def registry(principal: PrincipalDep, services: ServicesDep) -> ModelRegistryOut:
-    """The model registry: every model this gateway can serve, and where (config/models.toml
-    for local engines, CAVE_PEERS_FILE for peers)."""
+    """The model registry: every model this gateway can serve, and where (the models file and
+    the admin API for local engines, CAVE_PEERS_FILE for peers)."""
     if not principal.is_admin:
         raise ForbiddenError("only an admin key may read the model registry")
-    served = await services.llm.chat.registry()
-    models = [
-        RegisteredModel(model_id=m, served_at=[ServedAt(**where) for where in places])
-        for m, places in sorted(served.items())
-    ]
-    return ModelRegistryOut(models=models)
+    listed = await services.llm.models.listing()
+    return ModelRegistryOut(models=[RegisteredModel.model_validate(m) for m in listed])
+
+
+@router.put(
+    "/api/v1/admin/llm/models/{model_id:path}",
+    response_model=ModelSpecOut,
+    responses={201: {"model": ModelSpecOut, "description": "Registered (200: replaced)"}},
+)
+async def put_model(
+    model_id: ModelIdPath,
+    body: ModelSpecIn,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    response: Response,
+) -> ModelSpecOut:
+    """Register a model, or replace one added here, and deploy it as its own Serve app; its
+    replicas start in the background (see the registry's `status`)."""
+    with _spec_errors():
+        spec, created = await services.llm.models.put(principal, model_id, body.model_dump())
+    response.status_code = 201 if created else 200
+    return _spec_out(spec)
+
+
+@router.delete("/api/v1/admin/llm/models/{model_id:path}", status_code=204, response_class=Response)
+async def delete_model(
+    model_id: ModelIdPath, principal: PrincipalDep, services: ServicesDep
+) -> Response:
+    """Remove a model added through the API and delete its Serve app."""
+    await services.llm.models.delete(principal, model_id)
+    return Response(status_code=204)
+
+
+@contextlib.contextmanager
+def _spec_errors() -> Iterator[None]:
+    """A spec the registry refuses is a 422 naming the field, like a schema error."""
+    try:
+        yield
+    except ConfigError as exc:
+        field = getattr(exc, "field", None)
+        loc = ("path", "model_id") if field == "model_id" else ("body", *([field] if field else []))
+        reason = getattr(exc, "reason", exc.message)
+        raise RequestValidationError([{"loc": loc, "msg": reason, "type": "value_error"}]) from None
+
+
+def _spec_out(spec: ModelSpec) -> ModelSpecOut:
+    return ModelSpecOut(**spec.to_dict(), app=model_app_name(spec.model_id))
 
 
 @router.get("/.well-known/jwks.json")
@@ -127,7 +176,8 @@ async def chat(
 ) -> Response:
     gateway = services.llm.chat
     claims = gateway.authorize(request.headers.get("authorization"), namespace, body.model)
-    gateway.engine_for(body.model)  # an unknown model is a 503 before anything streams
+    await services.llm.models.find(body.model)  # added on another replica a moment ago?
+    gateway.engine_for(body.model)  # an unknown model is a 503 (404: deleted) before streaming
     await gateway.admit(claims, body.model)  # 429 when the key's minute is spent
     completion_id, created = f"chatcmpl-{new_id()}", int(time.time())
     usage = Usage()

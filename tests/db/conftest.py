@@ -33,7 +33,8 @@ from cave.db import (
 MAINTENANCE_DSN = os.environ.get("CAVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
     "usage_events, model_access_tokens, model_access_requests, audit_events, outbox, "
-    "key_rotation_events, api_keys, executions, sandboxes, namespaces, signing_keys"
+    "key_rotation_events, api_keys, executions, sandboxes, namespaces, signing_keys, "
+    "registered_models"
 )
 
 _T = TypeVar("_T")

@@ -71,6 +71,7 @@ async def test_the_app_role_cannot_bypass_rls(db: Database, target: Target) -> N
         "model_access_tokens",
         "namespaces",
         "outbox",
+        "registered_models",
         "sandboxes",
         "signing_keys",
         "usage_events",
