@@ -20,6 +20,7 @@ NAMESPACE = "cave"
 POOL_PREFIX = "cave-pool-"
 PRUNE_EVERY = 64  # claims between two prunes of the handed-out list
 REFILL_DELAY_S = 0.05
+SPARE_WAIT_S = 30.0  # a create waiting for a spare in preparation starts its own after this
 
 
 def pool_name(node_id: str) -> str:
@@ -41,6 +42,7 @@ class PoolService:
         self.defaults = defaults  # spares are built with these; a claim may change them
         self._ready: asyncio.Queue[ActorHandle] = asyncio.Queue()
         self._filling = 0
+        self._waiting = 0  # creates waiting for a spare being prepared
         self.created = 0
         # What this pool handed out, so that a restarted directory can learn it again.
         self._claimed: dict[str, ActorHandle] = {}
@@ -70,13 +72,27 @@ class PoolService:
             asyncio.ensure_future(self._prepare_one())
 
     async def _take(self) -> ActorHandle:
-        """A prepared actor if one is ready, else a fresh one (cold: pays the worker start)."""
+        """A prepared actor if one is ready; else one being prepared that no other create
+        waits for yet; else a fresh one (cold: pays the worker start).
+
+        Under a burst of creates, waiting for a spare already on its way keeps the worker starts
+        to one per create: starting a new one beside it would cost this node's CPUs twice.
+        """
         try:
             return self._ready.get_nowait()
         except asyncio.QueueEmpty:
-            actor = self._new_actor()
-            await actor.prepare.remote(self.defaults)
-            return actor
+            pass
+        if self._filling > self._waiting:
+            self._waiting += 1
+            try:
+                return await asyncio.wait_for(self._ready.get(), SPARE_WAIT_S)
+            except TimeoutError:
+                pass  # that spare failed or is stuck: start one for this create
+            finally:
+                self._waiting -= 1
+        actor = self._new_actor()
+        await actor.prepare.remote(self.defaults)
+        return actor
 
     def _refill_after_reply(self) -> None:
         # A new spare costs a Ray worker start (a second of CPU here) and its creation blocks

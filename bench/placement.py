@@ -1,7 +1,8 @@
 """200 sandbox creates over a simulated cluster of sandbox nodes: rate, latency, balance.
 
-Baseline, in the same run and cluster: the same number of actors placed by Ray's own SPREAD
-strategy (what a sandbox actor without CAVE's placement would get at best). Each sandbox is a
+Baselines, in the same run and cluster: the same number of sandbox actors placed by Ray's own
+SPREAD strategy and doing a create's work (prepare, start) with no directory and no warm pool,
+and, for information, plain actors placed alike (a worker start and nothing else). Each sandbox is a
 Ray worker process (about 90 MB), so 200 of them need about 20 GB: run it on a quiet machine.
 
     CAVE_BENCH_CREATES=200 CAVE_BENCH_NODES=4 python -m bench.placement
@@ -17,11 +18,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import ray
 from ray.cluster_utils import Cluster
 
 from actors import remote
+from actors.sandbox_actor import SandboxActor
 from actors.sandboxes import stop_all
 from bench.common import bench_settings, percentiles
 from config.settings import resolve_limits
@@ -81,18 +84,29 @@ async def run(all_nodes: list[str]) -> None:
     settings = bench_settings(CAVE_POOL_SIZE="2", CAVE_MAX_SANDBOXES_PER_NODE=str(N))
     limits = resolve_limits(None, settings)
 
-    # Baseline: Ray's SPREAD over the same sandbox nodes (a sliver of cave_sandbox keeps it
-    # off the head).
-    actors: list[ray.actor.ActorHandle] = []
+    # Baselines: Ray's SPREAD over the same sandbox nodes (a sliver of cave_sandbox keeps it
+    # off the head), placing plain actors, then sandbox actors doing a create's whole work.
+    spread = {"scheduling_strategy": "SPREAD", "resources": {"cave_sandbox": 0.001}}
+    actors: list[Any] = []
 
-    async def spread(_: int) -> str:
-        actor = Plain.options(
-            scheduling_strategy="SPREAD", resources={"cave_sandbox": 0.001}
-        ).remote()  # type: ignore[attr-defined]
+    async def plain(_: int) -> str:
+        actor = Plain.options(**spread).remote()  # type: ignore[attr-defined]
         actors.append(actor)
         return str(await actor.node.remote())
 
-    base = summary("Ray SPREAD, plain actors", *(await timed_all(spread, N)), all_nodes)
+    async def sandbox(i: int) -> str:
+        actor = SandboxActor.options(**spread).remote(settings.isolation)
+        actors.append(actor)
+        await actor.prepare.remote(settings.defaults)
+        info = await actor.start.remote(f"spread-{i}", limits)
+        return str(info.node_id)
+
+    summary("Ray SPREAD, plain actors", *(await timed_all(plain, N)), all_nodes)
+    for actor in actors:
+        ray.kill(actor)
+    actors.clear()
+    base = summary("Ray SPREAD, sandbox actors", *(await timed_all(sandbox, N)), all_nodes)
+    await asyncio.gather(*(actor.stop.remote() for actor in actors))
     for actor in actors:
         ray.kill(actor)
 
@@ -105,7 +119,8 @@ async def run(all_nodes: list[str]) -> None:
 
     ours = summary("CAVE placement, sandboxes", *(await timed_all(create, N)), all_nodes)
     print(
-        f"ratio (CAVE / SPREAD): rate x{ours[0] / base[0]:.2f}, p99 x{ours[1] / base[1]:.2f}, "
+        f"ratio (CAVE / SPREAD sandboxes): rate x{ours[0] / base[0]:.2f}, "
+        f"p99 x{ours[1] / base[1]:.2f}, "
         f"imbalance {ours[2]:.1f}% vs {base[2]:.1f}%"
     )
 
