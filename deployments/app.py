@@ -22,7 +22,7 @@ from deployments.logs import configure_logging
 from deployments.mcp import build_mcp_app
 from deployments.metrics import ApiMetrics, install_metrics
 from deployments.routes import exec as exec_routes
-from deployments.routes import files, health, keys, llm, sandboxes
+from deployments.routes import files, health, keys, llm, namespaces, sandboxes
 from deployments.schemas import CreateSandboxRequest, ExecRequest
 from deployments.services import Services
 from deployments.tracing import install_tracing, load_sampling_rate, setup_tracing
@@ -93,7 +93,7 @@ def create_api(
     )
     install_error_handlers(app, metrics.count_error)
     app.state.metrics = metrics
-    for module in (sandboxes, exec_routes, files, keys, llm, health):
+    for module in (sandboxes, exec_routes, files, keys, llm, namespaces, health):
         app.include_router(module.router)
     install_metrics(app, metrics)
     install_tracing(app, setup_tracing("cave-api", load_sampling_rate(merged_env), env=merged_env))

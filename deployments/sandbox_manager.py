@@ -68,13 +68,15 @@ class SandboxManager(SandboxOps):
         namespace = self._target_namespace(principal, request.namespace)
         overrides = parse_overrides(**request.limits.model_dump(exclude_none=True))
         limits = resolve_limits(overrides, self.settings)  # refused before anything is written
-        pool = self._pool(principal, request.labels)
         if request.wait_s > self.settings.placement.max_wait_s:
             raise InvalidArgumentError(
                 f"wait_s={request.wait_s:g} is above this server's most, "
                 f"{self.settings.placement.max_wait_s:g} s (placement.max_wait_s)"
             )
         await self.ensure_namespace(namespace)
+        pool = await self._pool(principal, namespace, request.labels)
+        if pool != DEFAULT_POOL:  # a restart places it in the same pool
+            request = request.model_copy(update={"labels": {**request.labels, POOL_LABEL: pool}})
         sandbox_id = new_id()
         node = None
         if request.start:  # a full cluster refuses before anything is written
@@ -90,12 +92,56 @@ class SandboxManager(SandboxOps):
             row = await self._start(principal, row, node)
         return CreatedSandboxOut(**sandbox_out(row).model_dump(), api_key=plaintext)
 
-    def _pool(self, principal: Principal, labels: dict[str, str]) -> str:
-        """The node pool a sandbox asks for with its `cave.pool` label; some need an admin key."""
-        pool = labels.get(POOL_LABEL, DEFAULT_POOL)
-        if pool in self.settings.placement.restricted_pools and not principal.is_admin:
-            raise ForbiddenError(f"only an admin key may place sandboxes in pool {pool!r}")
+    async def _pool(self, principal: Principal, namespace: str, labels: dict[str, str]) -> str:
+        """The node pool of a new sandbox: its `cave.pool` label, else its namespace's pool.
+        A restricted pool takes an admin key's sandboxes, and those of the namespaces an admin
+        assigned to it."""
+        assigned = await self.namespace_pool(namespace)
+        pool = labels.get(POOL_LABEL) or assigned or DEFAULT_POOL
+        restricted = pool in self.settings.placement.restricted_pools
+        if restricted and not principal.is_admin and pool != assigned:
+            raise ForbiddenError(
+                f"pool {pool!r} takes sandboxes of admin keys and of namespaces an admin "
+                f"assigned to it; namespace {namespace!r} is not"
+            )
         return pool
+
+    # -- namespaces --------------------------------------------------------------------------
+
+    async def namespace_pool(self, namespace: str) -> str | None:
+        async with self.db.read_session(None) as session:
+            row = await session.get(NamespaceRow, namespace)
+        return row.pool if row is not None else None
+
+    async def set_namespace_pool(
+        self, principal: Principal, namespace: str, pool: str | None
+    ) -> NamespaceRow:
+        """Assign `namespace` (created if new) to a node pool; None: back to the default."""
+        if not principal.is_admin:
+            raise ForbiddenError("only an admin key may assign a namespace to a node pool")
+        await self.ensure_namespace(namespace)
+        async with self.db.admin_session() as session:
+            row = await session.get(NamespaceRow, namespace)
+            if row is None:
+                raise ConflictError(f"namespace {namespace!r} was removed meanwhile")
+            before, row.pool = row.pool, pool
+        event = AuditEvent(
+            principal.key_id,
+            "namespace.pool",
+            namespace,
+            "ok",
+            namespace,
+            {"pool": pool, "before": before},
+        )
+        await self.audit.record(event)
+        return row
+
+    async def namespaces(self, principal: Principal) -> list[NamespaceRow]:
+        if not principal.is_admin:
+            raise ForbiddenError("only an admin key may list namespaces")
+        async with self.db.read_session(None) as session:
+            query = select(NamespaceRow).order_by(NamespaceRow.name)
+            return list((await session.scalars(query)).all())
 
     async def _insert(
         self,

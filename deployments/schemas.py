@@ -216,3 +216,26 @@ class ErrorOut(BaseModel):
 
 
 ExecEvent.model_rebuild()
+
+
+PoolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")]
+
+
+class NamespaceSettings(_Body):
+    pool: PoolName | None = Field(
+        None,
+        description="The node pool (Ray node label `cave.pool`) this namespace's sandboxes go "
+        "to when they ask for none; null: the default pool. A namespace assigned a restricted "
+        "pool (`trusted`) may place sandboxes there with its own keys.",
+        examples=["trusted"],
+    )
+
+
+class NamespaceOut(BaseModel):
+    name: str
+    pool: str | None
+    created_at: datetime
+
+
+class NamespaceList(BaseModel):
+    items: list[NamespaceOut]

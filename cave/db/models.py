@@ -55,6 +55,8 @@ class NamespaceRow(Base):
     id: Mapped[str] = mapped_column(Id, primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(Text, unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The node pool (Ray node label `cave.pool`) its sandboxes go to; None: the default pool.
+    pool: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class SandboxRow(NamespaceOwned, Base):

@@ -162,6 +162,15 @@ def test_the_trusted_pool_takes_admin_sandboxes_only(
     assert refused.status_code == 403
     assert "trusted" in refused.json()["error"]["message"]
 
+    # A namespace an admin assigned to the pool places its sandboxes there without asking.
+    assigned = client.put("/api/v1/admin/namespaces/team-t", json={"pool": "trusted"})
+    assert assigned.status_code == 200
+    with multinode.client(namespace_key("team-t", ["sandboxes:write"])) as team_t:
+        placed = create(team_t)
+    assert placed.status_code == 201, placed.text
+    assert placed.json()["node_id"] == trusted
+    assert placed.json()["labels"]["cave.pool"] == "trusted"
+
 
 def test_an_inference_deployment_that_needs_a_gpu_lands_on_the_gpu_node(
     multinode: MultiNode,
