@@ -88,7 +88,13 @@ class AsyncSandboxes:
         idle_timeout_s: float | None = None,
         namespace: str | None = None,
         start: bool = True,
+        pool: str | None = None,
+        wait_s: float | None = None,
     ) -> AsyncSandbox:
+        """A new sandbox, started unless `start` is False. `pool`: the node pool to place it in
+        (its `cave.pool` label). When every node of its pool is full the create fails at once
+        with CapacityError, or with `wait_s` waits that long for room while the server asks
+        the autoscaler for a node."""
         call = routes.create_sandbox(
             name=name,
             limits=limits,
@@ -97,6 +103,8 @@ class AsyncSandboxes:
             idle_timeout_s=idle_timeout_s,
             namespace=namespace,
             start=start,
+            pool=pool,
+            wait_s=wait_s,
         )
         return AsyncSandbox(await self._transport.send(call), self)
 

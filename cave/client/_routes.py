@@ -86,6 +86,10 @@ def _without_none(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+POOL_LABEL = "cave.pool"  # the node pool a sandbox asks for (docs/placement.md)
+CREATE_READ_S = 60.0  # a start after the wait: the usual worst case of a cold create
+
+
 def create_sandbox(
     *,
     name: str,
@@ -95,17 +99,23 @@ def create_sandbox(
     idle_timeout_s: float | None,
     namespace: str | None,
     start: bool,
+    pool: str | None = None,
+    wait_s: float | None = None,
 ) -> Call[SandboxInfo]:
+    labels = {**(labels or {}), **({POOL_LABEL: pool} if pool else {})}
     body = _without_none(
         name=name,
         namespace=namespace,
         limits=limits_body(limits) or None,
-        labels=dict(labels) if labels else None,
+        labels=labels or None,
         ttl_s=ttl_s,
         idle_timeout_s=idle_timeout_s,
         start=start,
+        wait_s=wait_s,
     )
-    return Call("POST", SANDBOXES, _model(SandboxInfo), json=body)
+    # A create that may wait for room answers that much later than usual.
+    read_s = CLIENT_TIMEOUT if not wait_s else wait_s + EXEC_GRACE_S + CREATE_READ_S
+    return Call("POST", SANDBOXES, _model(SandboxInfo), json=body, read_timeout_s=read_s)
 
 
 def list_sandboxes(

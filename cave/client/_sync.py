@@ -86,7 +86,13 @@ class Sandboxes:
         idle_timeout_s: float | None = None,
         namespace: str | None = None,
         start: bool = True,
+        pool: str | None = None,
+        wait_s: float | None = None,
     ) -> Sandbox:
+        """A new sandbox, started unless `start` is False. `pool`: the node pool to place it in
+        (its `cave.pool` label). When every node of its pool is full the create fails at once
+        with CapacityError, or with `wait_s` waits that long for room while the server asks
+        the autoscaler for a node."""
         call = routes.create_sandbox(
             name=name,
             limits=limits,
@@ -95,6 +101,8 @@ class Sandboxes:
             idle_timeout_s=idle_timeout_s,
             namespace=namespace,
             start=start,
+            pool=pool,
+            wait_s=wait_s,
         )
         return Sandbox(self._transport.send(call), self)
 

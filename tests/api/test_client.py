@@ -13,6 +13,7 @@ from cave.client import (
     APIConnectionError,
     AsyncCave,
     AuthenticationError,
+    CapacityError,
     Cave,
     ConflictError,
     ExecResult,
@@ -222,3 +223,14 @@ def _until_refused(cave: Cave, deadline_s: float = 30.0) -> None:
             return
         time.sleep(0.2)
     pytest.fail("the revoked key was still accepted")
+
+
+def test_a_full_pool_is_a_capacity_error_at_once_or_after_the_wait(client: Cave) -> None:
+    # This session's node is in no pool: the pool "gpu-only" has no node, so no room ever.
+    with pytest.raises(CapacityError, match="'gpu-only'"):
+        client.sandboxes.create(pool="gpu-only")
+    started = time.monotonic()
+    with pytest.raises(CapacityError, match="within 0.5 s"):
+        client.sandboxes.create(pool="gpu-only", wait_s=0.5)
+    assert time.monotonic() - started >= 0.5  # it waited, then gave up
+    assert not [s for s in client.sandboxes.list().items if s.labels.get("cave.pool")]
