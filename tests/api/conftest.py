@@ -9,6 +9,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -74,15 +75,39 @@ def api_server(
     serve.shutdown()
 
 
+class HasClient(Protocol):
+    def client(self, key: str | None = None) -> httpx.Client: ...
+
+
+def make_namespace_key(server: HasClient, namespace: str, scopes: list[str]) -> str:
+    """A new namespace key, made with the server's admin key."""
+    with server.client() as client:
+        response = client.post(
+            "/api/v1/auth/keys",
+            json={"kind": "namespace", "namespace": namespace, "scopes": scopes},
+        )
+    assert response.status_code == 201, response.text
+    return str(response.json()["key"])
+
+
+def approved_model_key(server: HasClient, namespace: str, model: str) -> dict[str, Any]:
+    """A model-access key as a tenant gets one: its namespace key (scope llm:request) asks for
+    the model, the admin approves; the approval's body (`model_access_key`, `token_id`, ...)."""
+    request_key = make_namespace_key(server, namespace, ["llm:request"])
+    with server.client(request_key) as tenant:
+        asked = tenant.post(
+            "/api/v1/llm/requests", json={"model_id": model, "cave_namespace": namespace}
+        )
+    assert asked.status_code == 201, asked.text
+    with server.client() as admin:
+        approved = admin.post(f"/api/v1/admin/llm/requests/{asked.json()['id']}/approve")
+    assert approved.status_code == 200, approved.text
+    return dict(approved.json())
+
+
 @pytest.fixture
 def namespace_key(api_server: ApiServer) -> Callable[[str, list[str]], str]:
     def make(namespace: str, scopes: list[str]) -> str:
-        with api_server.client() as client:
-            response = client.post(
-                "/api/v1/auth/keys",
-                json={"kind": "namespace", "namespace": namespace, "scopes": scopes},
-            )
-        assert response.status_code == 201, response.text
-        return str(response.json()["key"])
+        return make_namespace_key(api_server, namespace, scopes)
 
     return make

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import TINY_MODEL, ApiServer
+from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key
 from tests.support import poll_until
 
 APP = "cave-two"
@@ -50,19 +50,7 @@ def two(api_server: ApiServer) -> Iterator[str]:
 
 def issue(api_server: ApiServer) -> dict[str, str]:
     """A fresh model-access key for the tiny model, requested and approved via the first app."""
-    with api_server.client() as admin:
-        made = admin.post(
-            "/api/v1/auth/keys", json={"namespace": NAMESPACE, "scopes": ["llm:request"]}
-        )
-        assert made.status_code == 201, made.text
-        with api_server.client(made.json()["key"]) as tenant:
-            asked = tenant.post(
-                "/api/v1/llm/requests", json={"model_id": TINY_MODEL, "cave_namespace": NAMESPACE}
-            )
-        assert asked.status_code == 201, asked.text
-        approved = admin.post(f"/api/v1/admin/llm/requests/{asked.json()['id']}/approve")
-    assert approved.status_code == 200, approved.text
-    return dict(approved.json())
+    return approved_model_key(api_server, NAMESPACE, TINY_MODEL)
 
 
 def chat(url: str, key: str) -> httpx.Response:

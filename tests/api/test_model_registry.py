@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import TINY_MODEL, ApiServer
+from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key
 from tests.support import poll_until
 
 ADDED = "tiny-added"
@@ -60,19 +60,7 @@ def cleanup(api_server: ApiServer) -> Iterator[None]:
 
 
 def model_key(api_server: ApiServer, model: str) -> dict[str, Any]:
-    with api_server.client() as admin:
-        made = admin.post(
-            "/api/v1/auth/keys", json={"namespace": NAMESPACE, "scopes": ["llm:request"]}
-        )
-        assert made.status_code == 201, made.text
-        with api_server.client(made.json()["key"]) as tenant:
-            asked = tenant.post(
-                "/api/v1/llm/requests", json={"model_id": model, "cave_namespace": NAMESPACE}
-            )
-        assert asked.status_code == 201, asked.text
-        approved = admin.post(f"/api/v1/admin/llm/requests/{asked.json()['id']}/approve")
-    assert approved.status_code == 200, approved.text
-    return dict(approved.json())
+    return approved_model_key(api_server, NAMESPACE, model)
 
 
 def openai_client(base_url: str, token: str) -> openai.OpenAI:

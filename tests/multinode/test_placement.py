@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api.conftest import make_namespace_key
 from tests.multinode.conftest import GPU_MODEL, SLOTS, MultiNode
 from tests.support import poll_until
 
@@ -190,12 +191,6 @@ def test_an_inference_deployment_that_needs_a_gpu_lands_on_the_gpu_node(
 @pytest.fixture
 def namespace_key(multinode: MultiNode) -> Any:
     def make(namespace: str, scopes: list[str]) -> str:
-        with multinode.client() as c:
-            response = c.post(
-                "/api/v1/auth/keys",
-                json={"kind": "namespace", "namespace": namespace, "scopes": scopes},
-            )
-        assert response.status_code == 201, response.text
-        return str(response.json()["key"])
+        return make_namespace_key(multinode, namespace, scopes)
 
     return make
