@@ -67,6 +67,25 @@ def client(multinode: MultiNode) -> Any:
         stop_all_sandboxes(c)
 
 
+def test_every_sandbox_node_gets_a_warm_pool_that_fills(multinode: MultiNode) -> None:
+    import ray
+
+    from actors.warm_pool import NAMESPACE, POOL_PREFIX, pool_name
+
+    def ready(node: str) -> int:
+        try:
+            pool = ray.get_actor(pool_name(node), namespace=NAMESPACE)
+        except ValueError:
+            return 0  # not started yet
+        stats: dict[str, int] = ray.get(pool.stats.remote())
+        return stats["ready"]
+
+    for node in multinode.sandbox_nodes:  # started by the API's upkeep, before any create
+        poll_until(lambda node=node: ready(node) >= 1, timeout_s=60, what=f"{node}'s pool")
+    pools = {n for n in ray.util.list_named_actors() if n.startswith(POOL_PREFIX)}
+    assert pool_name(multinode.gpu_node) not in pools  # a node that takes no sandboxes
+
+
 def test_sandboxes_spread_over_sandbox_nodes_and_stay_there(
     multinode: MultiNode, client: httpx.Client
 ) -> None:
