@@ -133,7 +133,8 @@ class DirectoryService:
         occupied: Counter[str] = Counter()
         for node, count in self.load().items():
             occupied[pools.get(node, DEFAULT_POOL)] += count
-        request_resources(**demand_bundles(occupied, self._waiting.values()))
+        named = {node.pool for node in self._nodes.values()} | set(self._waiting.values())
+        request_resources(**demand_bundles(occupied, self._waiting.values(), named))
         self._demand_published = True
 
     # -- the directory -----------------------------------------------------------------------

@@ -58,14 +58,19 @@ def pick(
     return None if best is None else best[2]
 
 
-def demand_bundles(occupied: Mapping[str, int], waiting: Iterable[str]) -> dict[str, Any]:
+def demand_bundles(
+    occupied: Mapping[str, int], waiting: Iterable[str], pools: Iterable[str] = ()
+) -> dict[str, Any]:
     """`ray.autoscaler.sdk.request_resources` arguments asking room for every placed sandbox
     (by pool) and every waiting create. The autoscaler compares them with the cluster's total
-    `cave_sandbox` capacity, so the waiting ones are what makes it add a node."""
-    pools = [pool for pool, count in occupied.items() for _ in range(count)] + list(waiting)
+    `cave_sandbox` capacity, so the waiting ones are what makes it add a node. `pools`: the
+    named pools the cluster has, which a default-pool bundle must not be served from."""
+    wanted = [pool for pool, count in occupied.items() for _ in range(count)] + list(waiting)
+    named = sorted(set(pools) - {DEFAULT_POOL})
+    not_named = {POOL_LABEL: f"!in({','.join(named)})"} if named else {}
     return {
-        "bundles": [{SANDBOX_RESOURCE: 1} for _ in pools],
+        "bundles": [{SANDBOX_RESOURCE: 1} for _ in wanted],
         "bundle_label_selectors": [
-            {} if pool == DEFAULT_POOL else {POOL_LABEL: pool} for pool in pools
+            dict(not_named) if pool == DEFAULT_POOL else {POOL_LABEL: pool} for pool in wanted
         ],
     }

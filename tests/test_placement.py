@@ -58,10 +58,19 @@ def test_full_nodes_and_other_pools_are_never_picked() -> None:
 
 
 def test_demand_asks_room_for_the_placed_and_the_waiting() -> None:
-    demand = demand_bundles({"default": 2, "trusted": 1}, ["trusted"])
+    demand = demand_bundles({"default": 2, "trusted": 1}, ["trusted"], ["default", "trusted"])
     assert demand["bundles"] == [{"cave_sandbox": 1}] * 4
-    trusted = {"cave.pool": "trusted"}
-    assert demand["bundle_label_selectors"] == [{}, {}, trusted, trusted]
+    trusted, elsewhere = {"cave.pool": "trusted"}, {"cave.pool": "!in(trusted)"}
+    assert demand["bundle_label_selectors"] == [elsewhere, elsewhere, trusted, trusted]
+    # Ray's own check of label selectors passes them (a bad one makes the request fail).
+    from ray._private.label_utils import validate_label_selector
+
+    assert all(validate_label_selector(s) is None for s in demand["bundle_label_selectors"])
+
+
+def test_without_named_pools_default_demand_needs_no_selector() -> None:
+    demand = demand_bundles({"default": 1}, ["default"], ["default"])
+    assert demand["bundle_label_selectors"] == [{}, {}]
 
 
 def test_placement_settings_come_from_the_file_and_the_environment() -> None:
