@@ -102,6 +102,15 @@ def register_tools(
         namespace: Annotated[
             str | None, Field(description="Admin keys only: the namespace to create it in.")
         ] = None,
+        wait_s: Annotated[
+            float,
+            Field(
+                ge=0,
+                le=3600,
+                description="When every node is full, wait up to this long for room instead of "
+                "failing at once.",
+            ),
+        ] = 0,
     ) -> Annotated[CallToolResult, CreatedSandboxOut]:
         """Create and start an isolated Linux sandbox with an empty workspace.
 
@@ -112,7 +121,12 @@ def register_tools(
         async def create() -> CreatedSandboxOut:
             limits = Limits(memory_mb=memory_mb, cpu=cpu, timeout_s=timeout_s)
             request = CreateSandboxRequest(
-                name=name, namespace=namespace, limits=limits, labels=labels or {}, ttl_s=ttl_s
+                name=name,
+                namespace=namespace,
+                limits=limits,
+                labels=labels or {},
+                ttl_s=ttl_s,
+                wait_s=wait_s,
             )
             return await manager.create(principal(), request)
 

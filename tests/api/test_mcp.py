@@ -189,3 +189,13 @@ async def test_read_only_key_cannot_create(
     async with mcp_session(api_server, namespace_key("mcp-ro", ["sandboxes:read"])) as session:
         error = await refused(session, "create_sandbox", name="nope")
     assert error["code"] == "forbidden"
+
+
+async def test_a_full_pool_is_a_capacity_error_after_the_wait(api_server: ApiServer) -> None:
+    async with mcp_session(api_server, api_server.admin_key) as session:
+        # This session's node is in no pool: pool "nowhere" never has room.
+        error = await refused(
+            session, "create_sandbox", labels={"cave.pool": "nowhere"}, wait_s=0.3
+        )
+    assert error["code"] == "capacity"
+    assert "within 0.3 s" in error["message"]
