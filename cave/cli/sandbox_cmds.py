@@ -45,6 +45,10 @@ def _add_create(parser: argparse.ArgumentParser) -> None:
         "--label", action="append", default=[], metavar="K=V", help="a label (repeatable)"
     )
     parser.add_argument("--namespace", metavar="NS", help="where to create it (admin keys)")
+    parser.add_argument("--pool", metavar="P", help="the node pool to place it in (cave.pool)")
+    parser.add_argument(
+        "--wait-s", type=float, metavar="S", help="when every node is full, wait S s for room"
+    )
     parser.add_argument(
         "--no-start", action="store_false", dest="start", help="record it without starting it"
     )
@@ -90,6 +94,8 @@ def _create(args: argparse.Namespace) -> int:
             idle_timeout_s=args.idle_timeout_s,
             namespace=args.namespace,
             start=args.start,
+            pool=args.pool,
+            wait_s=args.wait_s,
         )
     if args.as_json:
         print_json(sandbox.info.model_dump(mode="json"))

@@ -132,3 +132,11 @@ def test_keys_lifecycle(api_env: Any, capsys: pytest.CaptureFixture[str]) -> Non
     code, out, _ = cave(capsys, "keys", "ls", "--namespace", namespace, "--json")
     states = {key["id"]: key["revoked_at"] for key in json.loads(out)}
     assert states[created["id"]] is not None
+
+
+def test_a_create_in_a_full_pool_is_an_error_naming_it(
+    api_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = cave(capsys, "sandbox", "create", "--pool", "nowhere", "--wait-s", "0.2")
+    assert (code, out) == (2, "")
+    assert err.startswith("cave: error: ") and "'nowhere'" in err
