@@ -98,6 +98,13 @@ class DirectoryService:
         counts.update(node for node, _ in self._reserved.values())
         return dict(counts)
 
+    def placement(self, max_per_node: int) -> list[tuple[str, str, int, int]]:
+        """Each sandbox node's (id, pool, sandboxes placed, capacity), for the metrics."""
+        self._refresh_nodes(max_per_node)
+        load = self.load()
+        nodes = self._nodes.values()
+        return [(n.node_id, n.pool, load.get(n.node_id, 0), n.capacity) for n in nodes]
+
     def nodes(self, max_per_node: int) -> list[SandboxNode]:
         """The alive nodes that host sandboxes."""
         self._refresh_nodes(max_per_node)

@@ -124,6 +124,14 @@ async def ensure_pools(settings: Settings) -> int:
     return len(nodes)
 
 
+async def node_load(settings: Settings) -> list[tuple[str, str, int, int]]:
+    """Each sandbox node's (id, pool, sandboxes placed, capacity)."""
+    load: list[tuple[str, str, int, int]] = await directory().placement.remote(
+        settings.placement.max_per_node
+    )
+    return load
+
+
 async def on_dead_nodes() -> list[str]:
     """The registered sandboxes whose nodes are gone."""
     ids: list[str] = await directory().on_dead_nodes.remote()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.routing import Route
 
+from actors import remote
 from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
 from deployments.errors import RequestIdMiddleware, install_error_handlers
@@ -71,6 +73,7 @@ def create_api(
         services = await Services.start(env, replica, engines)
         app.state.services = services
         metrics.set_sandbox_counter(services.sandboxes.count_by_state)
+        metrics.set_node_counter(partial(remote.node_load, services.sandboxes.settings))
         services.sandboxes.exec_observer = metrics.observe_exec
         upkeep = Upkeep(services, merged_env)
         upkeep.start()

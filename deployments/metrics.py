@@ -31,6 +31,9 @@ ExecOutcome = Literal["ok", "nonzero", "timed_out", "oom_killed", "error"]
 EXEC_OUTCOMES: tuple[ExecOutcome, ...] = get_args(ExecOutcome)
 SandboxCounts = Mapping[str, int | float]
 SandboxCounter = Callable[[], Awaitable[SandboxCounts] | SandboxCounts]
+# (node id, pool, sandboxes placed, capacity) of each sandbox node
+NodeLoad = list[tuple[str, str, int, int]]
+NodeCounter = Callable[[], Awaitable[NodeLoad]]
 
 # The Prometheus text format 0.0.4: what generate_latest writes and every scraper reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -94,6 +97,7 @@ class ApiMetrics:
         # labels() validates and locks on each call; the hot path looks children up here instead.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._sandbox_counter: SandboxCounter | None = None
+        self._node_counter: NodeCounter | None = None
         self._sandbox_count_timeout_s = sandbox_count_timeout_s
         self._states_seen: set[str] = set()
 
@@ -136,6 +140,18 @@ class ApiMetrics:
             ["state"],
             registry=self.registry,
         )
+        self._node_sandboxes = Gauge(
+            "cave_node_sandboxes",
+            "Sandboxes placed on each sandbox node (those being started included), at scrape time.",
+            ["node_id", "pool"],
+            registry=self.registry,
+        )
+        self._node_capacity = Gauge(
+            "cave_node_sandbox_capacity",
+            "The most sandboxes each sandbox node takes (its cave_sandbox resource).",
+            ["node_id", "pool"],
+            registry=self.registry,
+        )
         self._count_failures = Counter(
             "cave_sandbox_count_failures",
             "Scrapes whose sandbox count failed or timed out.",
@@ -171,9 +187,14 @@ class ApiMetrics:
         """
         self._sandbox_counter = counter
 
+    def set_node_counter(self, counter: NodeCounter) -> None:
+        """Report each sandbox node's load and capacity at each scrape with `counter`."""
+        self._node_counter = counter
+
     async def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, sandbox counts refreshed first."""
         await self._refresh_sandboxes()
+        await self._refresh_nodes()
         # No await between the refresh and here: a concurrent scrape cannot interleave.
         return generate_latest(self.registry), CONTENT_TYPE
 
@@ -195,6 +216,22 @@ class ApiMetrics:
         for state, count in counts.items():
             self._sandboxes.labels(state).set(count)
         self._states_seen |= counts.keys()
+
+    async def _refresh_nodes(self) -> None:
+        if self._node_counter is None:
+            return
+        # Nodes come and go: the series are rebuilt from the current table at each scrape.
+        self._node_sandboxes.clear()
+        self._node_capacity.clear()
+        try:
+            nodes = await asyncio.wait_for(self._node_counter(), self._sandbox_count_timeout_s)
+        except Exception:  # the directory is restarting: no node series this time
+            log.warning("reading the sandbox nodes for /metrics failed", exc_info=True)
+            self._count_failures.inc()
+            return
+        for node_id, pool, used, capacity in nodes:
+            self._node_sandboxes.labels(node_id, pool).set(used)
+            self._node_capacity.labels(node_id, pool).set(capacity)
 
     async def _count_sandboxes(self, counter: SandboxCounter) -> dict[str, int | float]:
         result = counter()

@@ -98,6 +98,11 @@ def test_sandboxes_spread_over_sandbox_nodes_and_stay_there(
     per_node = Counter(s["node_id"] for s in created)
     assert set(per_node) == set(multinode.sandbox_nodes)  # not the head, not the GPU node
     assert sorted(per_node.values()) == [2, 2]
+    metrics = client.get("/metrics").text  # what an operator's dashboard shows
+    for node in multinode.sandbox_nodes:
+        labels = f'node_id="{node}",pool="default"'
+        assert f"cave_node_sandboxes{{{labels}}} 2.0" in metrics
+        assert f"cave_node_sandbox_capacity{{{labels}}} {float(SLOTS)}" in metrics
     for sandbox in created:
         assert actor_node(sandbox["id"]) == sandbox["node_id"]
         exec_ok(client, sandbox["id"])
