@@ -70,20 +70,28 @@ async def reserve(
     autoscaler is told that a sandbox waits for room."""
     deadline = time.monotonic() + wait_s
     places = directory()
-    while True:
-        node: str | None = await places.reserve.remote(
-            sandbox_id, pool, settings.placement.max_per_node, wait_s > 0
-        )
-        if node is not None:
-            return node
-        if time.monotonic() >= deadline:
-            await places.release.remote(sandbox_id)
-            waited = f" within {wait_s:g} s" if wait_s > 0 else ""
-            raise CapacityError(
-                f"no node of pool {pool!r} has room for another sandbox{waited}; "
-                "stop a sandbox, add a node, or ask to wait (wait_s)"
+    try:
+        while True:
+            node: str | None = await call(
+                sandbox_id,
+                places.reserve.remote(
+                    sandbox_id, pool, settings.placement.max_per_node, wait_s > 0
+                ),
             )
-        await asyncio.sleep(WAIT_POLL_S)
+            if node is not None:
+                return node
+            if time.monotonic() >= deadline:
+                waited = f" within {wait_s:g} s" if wait_s > 0 else ""
+                raise CapacityError(
+                    f"no node of pool {pool!r} has room for another sandbox{waited}; "
+                    "stop a sandbox, add a node, or ask to wait (wait_s)"
+                )
+            await asyncio.sleep(WAIT_POLL_S)
+    except BaseException:
+        # Given up, failed, or cancelled (the client went away): the directory stops counting
+        # this create as waiting. Sent, not awaited: a cancelled task must not wait again.
+        places.release.remote(sandbox_id)
+        raise
 
 
 async def create(
@@ -106,7 +114,7 @@ async def create(
             sandbox_id, warm.create.remote(sandbox_id, limits, directory())
         )
     except BaseException:
-        await directory().release.remote(sandbox_id)
+        directory().release.remote(sandbox_id)  # sent, not awaited: see reserve
         raise
     return created
 
