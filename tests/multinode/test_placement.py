@@ -218,3 +218,25 @@ def namespace_key(multinode: MultiNode) -> Any:
         return make_namespace_key(multinode, namespace, scopes)
 
     return make
+
+
+def test_a_create_that_stops_waiting_withdraws_its_demand(multinode: MultiNode) -> None:
+    import asyncio
+
+    from actors import remote
+    from config.settings import load_settings
+
+    settings = load_settings(env={})
+
+    async def wait_then_give_up() -> None:
+        # No node is in pool "nowhere": this create can only wait.
+        waiting = asyncio.create_task(remote.reserve("gives-up", settings, "nowhere", wait_s=60))
+        while not autoscaler_demand():
+            assert not waiting.done(), waiting
+            await asyncio.sleep(0.05)
+        waiting.cancel()  # the caller went away
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(asyncio.wait_for(wait_then_give_up(), 30))
+    poll_until(lambda: not autoscaler_demand(), timeout_s=10, what="the demand withdrawn")
