@@ -156,6 +156,10 @@ class DirectoryService:
         except KeyError:
             raise SandboxNotFoundError(f"no sandbox with id {sandbox_id!r}") from None
 
+    def actors(self, sandbox_ids: list[str]) -> dict[str, ActorHandle]:
+        """The actors of those of these sandboxes that are registered, in one call."""
+        return {sid: self._entries[sid][0] for sid in sandbox_ids if sid in self._entries}
+
     def remove(self, sandbox_id: str) -> None:
         self._entries.pop(sandbox_id, None)
 

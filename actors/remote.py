@@ -165,18 +165,17 @@ async def known_ids() -> set[str]:
 async def dead_ids(sandbox_ids: Iterable[str], timeout_s: float = PROBE_TIMEOUT_S) -> set[str]:
     """Those of these sandboxes that the directory does not know or whose actors Ray reports
     dead (killed, crashed, node gone). A slow or briefly unreachable actor is not dead.
-    The directory is asked for each actor, not a cache: another replica may have restarted one."""
-    wanted = set(sandbox_ids)
-    known = await known_ids()
-    probed = sorted(wanted & known)
-    dead = await asyncio.gather(*(_is_dead(sid, timeout_s) for sid in probed))
-    return (wanted - known) | {sid for sid, gone in zip(probed, dead, strict=True) if gone}
+    The directory is asked for the actors, not a cache: another replica may have restarted one."""
+    wanted = sorted(set(sandbox_ids))
+    actors: dict[str, ActorHandle] = await directory().actors.remote(wanted)
+    probed = sorted(actors)
+    dead = await asyncio.gather(*(_is_dead(actors[sid], timeout_s) for sid in probed))
+    return (set(wanted) - set(actors)) | {
+        sid for sid, gone in zip(probed, dead, strict=True) if gone
+    }
 
 
-async def _is_dead(sandbox_id: str, timeout_s: float) -> bool:
-    actor = await lookup(sandbox_id)
-    if actor is None:
-        return True
+async def _is_dead(actor: ActorHandle, timeout_s: float) -> bool:
     try:
         await asyncio.wait_for(actor.__ray_ready__.remote(), timeout_s)
     except ActorUnavailableError:
