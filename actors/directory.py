@@ -76,6 +76,9 @@ class DirectoryService:
         self._refresh_nodes(max_per_node)
         self._expire_reservations()
         node = pick(self._nodes.values(), self.load(), pool)
+        if node is None:  # before saying "full", look at the cluster as it is now: a node may
+            self._refresh_nodes(max_per_node, force=True)  # have joined since the last look
+            node = pick(self._nodes.values(), self.load(), pool)
         if node is None:
             if wait and self._waiting.get(sandbox_id) != pool:
                 self._waiting[sandbox_id] = pool
