@@ -42,11 +42,40 @@ def test_a_rolling_redeploy_of_the_api_keeps_sandboxes_alive(multinode: MultiNod
         stop_all_sandboxes(client)
 
 
+def execution_counts(multinode: MultiNode) -> dict[str, int]:
+    """Executions recorded per sandbox, read from the database itself."""
+    import asyncio
+
+    from sqlalchemy import func, select
+
+    from cave.db import Database, ExecutionRow, load_database_settings
+
+    async def read() -> dict[str, int]:
+        db = await Database.connect(load_database_settings(multinode.env))
+        try:
+            async with db.read_session(None) as session:
+                query = select(ExecutionRow.sandbox_id, func.count()).group_by(
+                    ExecutionRow.sandbox_id
+                )
+                return {sid: n for sid, n in (await session.execute(query)).all()}
+        finally:
+            await db.close()
+
+    return asyncio.run(read())
+
+
 def test_losing_a_node_loses_exactly_its_sandboxes(multinode: MultiNode) -> None:
     with multinode.client() as client:
         created = [create(client).json() for _ in range(4)]
         for sandbox in created:
             exec_ok(client, sandbox["id"])
+        # Exec records are committed in batches just after the response (CAVE_EXEC_RECORDS=
+        # async): what must outlive the node is what was committed before it went.
+        poll_until(
+            lambda: all(execution_counts(multinode).get(s["id"]) for s in created),
+            timeout_s=10,
+            what="the executions recorded",
+        )
         by_node = Counter(s["node_id"] for s in created)
         # The hardest node to lose: the one an API replica runs on too, when there is one.
         candidates = [n for n in multinode.sandbox_nodes if by_node[n]]
@@ -94,28 +123,8 @@ def _gauge(text: str, series: str) -> float:
 
 
 def test_a_lost_sandboxs_record_and_history_stay(multinode: MultiNode) -> None:
-    import asyncio
-
-    from sqlalchemy import func, select
-
-    from cave.db import Database, ExecutionRow, load_database_settings
-
     with multinode.client() as client:
         lost = client.get("/api/v1/sandboxes", params={"state": "lost"}).json()["items"]
     assert lost
-
-    async def executions() -> dict[str, int]:
-        db = await Database.connect(load_database_settings(multinode.env))
-        try:
-            async with db.read_session(None) as session:
-                query = select(ExecutionRow.sandbox_id, func.count()).group_by(
-                    ExecutionRow.sandbox_id
-                )
-                return {sid: n for sid, n in (await session.execute(query)).all()}
-        finally:
-            await db.close()
-
-    counts: dict[str, Any] = poll_until(
-        lambda: asyncio.run(executions()), timeout_s=10, what="execution records"
-    )
+    counts = execution_counts(multinode)
     assert all(counts.get(s["id"], 0) >= 1 for s in lost)
