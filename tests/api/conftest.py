@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import openai
 import pytest
 
 from cluster.ingress import listen_ports
@@ -103,6 +104,17 @@ def approved_model_key(server: HasClient, namespace: str, model: str) -> dict[st
         approved = admin.post(f"/api/v1/admin/llm/requests/{asked.json()['id']}/approve")
     assert approved.status_code == 200, approved.text
     return dict(approved.json())
+
+
+def openai_client(url: str, token: str, namespace: str) -> openai.OpenAI:
+    """The real `openai` client on a gateway at `url`, with a model-access key."""
+    return openai.OpenAI(
+        base_url=f"{url}/v1",
+        api_key=token,
+        default_headers={"X-Cave-Namespace": namespace},
+        max_retries=0,
+        timeout=120,
+    )
 
 
 @pytest.fixture

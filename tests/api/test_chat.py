@@ -9,41 +9,19 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import TINY_MODEL, ApiServer
+from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key, openai_client
 from tests.support import poll_until
 
 NAMESPACE = "chat-team"
 
 
-def issue_key(api_server: ApiServer, request_key: str, namespace: str, model: str) -> dict:
-    with api_server.client(request_key) as tenant:
-        asked = tenant.post(
-            "/api/v1/llm/requests", json={"model_id": model, "cave_namespace": namespace}
-        ).json()
-    with api_server.client() as admin:
-        approved = admin.post(f"/api/v1/admin/llm/requests/{asked['id']}/approve")
-    assert approved.status_code == 200, approved.text
-    return dict(approved.json())
-
-
 @pytest.fixture(scope="module")
 def model_key(api_server: ApiServer) -> dict:
-    with api_server.client() as admin:
-        made = admin.post(
-            "/api/v1/auth/keys",
-            json={"namespace": NAMESPACE, "scopes": ["llm:request"]},
-        ).json()
-    return issue_key(api_server, made["key"], NAMESPACE, TINY_MODEL)
+    return approved_model_key(api_server, NAMESPACE, TINY_MODEL)
 
 
 def client_for(api_server: ApiServer, token: str, namespace: str = NAMESPACE) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{api_server.url}/v1",
-        api_key=token,
-        default_headers={"X-Cave-Namespace": namespace},
-        max_retries=0,
-        timeout=120,
-    )
+    return openai_client(api_server.url, token, namespace)
 
 
 def test_models_lists_the_served_model(api_server: ApiServer, model_key: dict) -> None:
@@ -134,11 +112,7 @@ def test_bad_keys_are_refused(
 
 
 def test_revocation_takes_effect_at_once(api_server: ApiServer) -> None:
-    with api_server.client() as admin:
-        made = admin.post(
-            "/api/v1/auth/keys", json={"namespace": NAMESPACE, "scopes": ["llm:request"]}
-        ).json()
-    issued = issue_key(api_server, made["key"], NAMESPACE, TINY_MODEL)
+    issued = approved_model_key(api_server, NAMESPACE, TINY_MODEL)
     token = issued["model_access_key"]
     assert _chat(api_server, token, NAMESPACE, TINY_MODEL).status_code == 200
     with api_server.client() as admin:

@@ -16,8 +16,8 @@ from ray import serve
 
 from deployments.app import APP_NAME
 from deployments.llm_engine import engine_deployment_name
-from tests.api.conftest import TINY_MODEL, ApiServer
-from tests.api.test_chat import NAMESPACE, issue_key
+from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key
+from tests.api.test_chat import NAMESPACE
 from tests.support import poll_until
 
 
@@ -90,11 +90,8 @@ def chat(
 @pytest.fixture(scope="module")
 def issued(api_server: ApiServer) -> dict[str, Any]:
     with api_server.client() as admin:
-        made = admin.post(
-            "/api/v1/auth/keys", json={"namespace": NAMESPACE, "scopes": ["llm:request"]}
-        ).json()
         jwks = admin.get("/.well-known/jwks.json").json()
-    return {"key": issue_key(api_server, made["key"], NAMESPACE, TINY_MODEL), "jwks": jwks}
+    return {"key": approved_model_key(api_server, NAMESPACE, TINY_MODEL), "jwks": jwks}
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key
+from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key, openai_client
 from tests.support import poll_until
 
 ADDED = "tiny-added"
@@ -61,16 +61,6 @@ def cleanup(api_server: ApiServer) -> Iterator[None]:
 
 def model_key(api_server: ApiServer, model: str) -> dict[str, Any]:
     return approved_model_key(api_server, NAMESPACE, model)
-
-
-def openai_client(base_url: str, token: str) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{base_url}/v1",
-        api_key=token,
-        default_headers={"X-Cave-Namespace": NAMESPACE},
-        max_retries=0,
-        timeout=120,
-    )
 
 
 def chat(base_url: str, token: str, model: str = ADDED) -> httpx.Response:
@@ -137,7 +127,7 @@ def test_an_added_model_is_served_everywhere_until_deleted(
     assert listed(api_server, TINY_MODEL)["origin"] == "config"  # type: ignore[index]
 
     key = model_key(api_server, ADDED)
-    client = openai_client(api_server.url, key["model_access_key"])
+    client = openai_client(api_server.url, key["model_access_key"], NAMESPACE)
     assert ADDED in {m.id for m in client.models.list().data}
     done = client.chat.completions.create(
         model=ADDED, messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1

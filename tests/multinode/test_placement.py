@@ -27,6 +27,14 @@ def exec_ok(client: httpx.Client, sandbox_id: str, command: str = "echo hi") -> 
     return result
 
 
+def fill(multinode: MultiNode, client: httpx.Client) -> int:
+    """Start sandboxes until the two sandbox nodes are full; how many that took."""
+    capacity = SLOTS * len(multinode.sandbox_nodes)
+    for _ in range(capacity):
+        assert create(client).status_code == 201
+    return capacity
+
+
 def alive_actors() -> list[dict[str, Any]]:
     """Ray's own actor table (the GCS's; the state API would need the dashboard)."""
     import ray
@@ -114,9 +122,7 @@ def test_sandboxes_spread_over_sandbox_nodes_and_stay_there(
 def test_a_full_cluster_refuses_at_once_with_429_and_writes_nothing(
     multinode: MultiNode, client: httpx.Client
 ) -> None:
-    capacity = SLOTS * len(multinode.sandbox_nodes)
-    for _ in range(capacity):
-        assert create(client).status_code == 201
+    fill(multinode, client)
     before = client.get("/api/v1/sandboxes", params={"limit": 200}).json()["items"]
 
     refused = create(client, name="one-too-many")
@@ -138,9 +144,7 @@ def test_a_full_cluster_refuses_at_once_with_429_and_writes_nothing(
 def test_a_waiting_create_asks_the_autoscaler_and_lands_on_the_node_it_adds(
     multinode: MultiNode, client: httpx.Client
 ) -> None:
-    capacity = SLOTS * len(multinode.sandbox_nodes)
-    for _ in range(capacity):
-        assert create(client).status_code == 201
+    capacity = fill(multinode, client)
     outcome: dict[str, httpx.Response] = {}
 
     def waiting_create() -> None:
