@@ -41,8 +41,8 @@ MAX_PAGE = 200
 _MOVING = ("starting", "stopping")
 SETTLE_WAIT_S = 30.0  # a start or stop takes seconds; the reconciler clears a stuck one later
 SETTLE_POLL_S = 0.05
-_STARTABLE = ("created", "stopped", "failed", "lost")
-_DELETABLE = ("created", "stopped", "failed", "lost")
+_AT_REST = ("created", "stopped", "failed", "lost")  # no actor, nothing in flight
+_STARTABLE = _DELETABLE = _AT_REST
 
 
 class SandboxManager(SandboxOps):
