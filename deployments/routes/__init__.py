@@ -19,3 +19,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "A dependency is unavailable",
     }.items()
 }
+
+
+def created_links(parameter: str, operation_ids: list[str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI links from a 201 to the operations that take the new object's `id` as
+    `parameter`: clients and schemathesis' stateful phase follow them (create, then use)."""
+    links = {
+        operation_id: {"operationId": operation_id, "parameters": {parameter: "$response.body#/id"}}
+        for operation_id in operation_ids
+    }
+    return {201: {"links": links}}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 
 from cave.errors import InvalidArgumentError
 from deployments.deps import ManagerDep, PrincipalDep
-from deployments.routes import ERROR_RESPONSES
+from deployments.routes import ERROR_RESPONSES, created_links
 from deployments.sandbox_manager import MAX_PAGE
 from deployments.schemas import (
     CreatedSandboxOut,
@@ -19,9 +19,28 @@ from deployments.schemas import (
 )
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["sandboxes"], responses=ERROR_RESPONSES)
+_USES_SANDBOX = [
+    f"{verb}_api_v1_sandboxes__sandbox_id__{tail}"
+    for verb, tail in (
+        ("get_sandbox", "get"),
+        ("exec_command", "exec_post"),
+        ("list_files", "files_get"),
+        ("write_file", "files__path__put"),
+        ("read_file", "files__path__get"),
+        ("delete_file", "files__path__delete"),
+        ("stop_sandbox", "stop_post"),
+        ("start_sandbox", "start_post"),
+        ("delete_sandbox", "delete"),
+    )
+]
 
 
-@router.post("", status_code=201, response_model=CreatedSandboxOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=CreatedSandboxOut,
+    responses=created_links("sandbox_id", _USES_SANDBOX),
+)
 async def create_sandbox(
     body: CreateSandboxRequest, principal: PrincipalDep, manager: ManagerDep
 ) -> CreatedSandboxOut:

@@ -1,5 +1,7 @@
 """Schemathesis against the live API from docs/openapi.json: no 5xx, and every response has a
-status, content type and body that the committed schema declares."""
+status, content type and body that the committed schema declares; operation by operation, and in
+sequences that follow the links schemathesis infers between them (create a sandbox or key, then
+use it)."""
 
 from __future__ import annotations
 
@@ -12,33 +14,51 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation.stateful.state_machine import APIStateMachine
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
 
+from cave.auth import api_keys
 from tests.api.conftest import ApiServer
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 MAX_EXAMPLES = 20
+STATEFUL_EXAMPLES = 25  # scenarios, each a chain of at most STATEFUL_STEPS linked calls
+STATEFUL_STEPS = 6
+CONFIG_BASE: dict[str, Any] = {
+    "seed": 20240601,
+    "generation": {
+        # Valid inputs must succeed or fail as documented, invalid ones must be a 4xx.
+        "mode": "all",
+        "max-examples": MAX_EXAMPLES,
+        "deterministic": True,
+        "database": "none",
+        # The admin key goes in every call instead of generated Authorization headers.
+        "with-security-parameters": False,
+    },
+}
 CONFIG = schemathesis.Config.from_dict(
     {
-        "seed": 20240601,
-        "generation": {
-            # Valid inputs must succeed or fail as documented, invalid ones must be a 4xx.
-            "mode": "all",
-            "max-examples": MAX_EXAMPLES,
-            "deterministic": True,
-            "database": "none",
-            # The admin key goes in every call instead of generated Authorization headers.
-            "with-security-parameters": False,
-        },
+        **CONFIG_BASE,
         # Boundary values per field (coverage) would multiply sandboxes past the time budget.
         "phases": {"coverage": {"enabled": False}, "stateful": {"enabled": False}},
     }
 )
 SCHEMA = schemathesis.openapi.from_path(SCHEMA_PATH, config=CONFIG)
+# The stateful phase on its own schema object: links are inferred (from response schemas and
+# path parameters) only where that phase is enabled.
+LINKED_SCHEMA = schemathesis.openapi.from_path(
+    SCHEMA_PATH,
+    config=schemathesis.Config.from_dict(
+        {
+            **CONFIG_BASE,
+            "phases": {"coverage": {"enabled": False}, "stateful": {"enabled": True}},
+        }
+    ),
+)
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -122,3 +142,51 @@ def _key_ids(client: httpx.Client) -> set[str]:
     response = client.get("/api/v1/auth/keys")
     assert response.status_code == 200, response.text
     return {item["id"] for item in response.json()["items"] if item["revoked_at"] is None}
+
+
+def test_linked_operations_conform(
+    api_server: ApiServer, sandbox_id: str, created_during_module: None
+) -> None:
+    """Stateful phase: each scenario creates something (a sandbox, a key) and calls the
+    operations linked to it with the id it got back, so the routes behind an existing id are
+    fuzzed too, not only their 404s."""
+    machine = _linked_machine(api_server)
+    machine.run(
+        settings=settings(
+            max_examples=STATEFUL_EXAMPLES,
+            stateful_step_count=STATEFUL_STEPS,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
+    assert LINKED_SCHEMA.statistic.transitions.total > 0, "no links were inferred: nothing ran"
+
+
+def _linked_machine(api_server: ApiServer) -> type[APIStateMachine]:
+    base = LINKED_SCHEMA.as_state_machine()
+    headers = {"Authorization": f"Bearer {api_server.admin_key}"}
+
+    admin_key_id, _ = api_keys.parse(api_server.admin_key)
+
+    class LinkedOperations(base):  # type: ignore[valid-type, misc]
+        def before_call(self, case: schemathesis.Case) -> None:
+            # A key id found in a listing may be the suite's own admin key: revoking or rotating
+            # it would end the session's access, not test anything.
+            if case.path_parameters and case.path_parameters.get("key_id") == admin_key_id:
+                case.path_parameters["key_id"] = "k" + admin_key_id[1:][::-1]
+
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"base_url": api_server.url, "headers": headers, "timeout": 60}
+
+        def validate_response(
+            self,
+            response: Any,
+            case: schemathesis.Case,
+            additional_checks: Any = None,
+            **kwargs: Any,
+        ) -> None:
+            case.validate_response(response, checks=CHECKS)
+
+    return LinkedOperations
