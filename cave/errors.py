@@ -10,7 +10,7 @@ CaveError
  ├─ AuthError ── TokenExpiredError, TokenRevokedError, NamespaceMismatchError
  ├─ SandboxError ── SandboxTimeoutError, IsolationUnavailableError
  ├─ DatabaseUnavailableError         (the database went away: the API answers 503)
- ├─ ServiceUnavailableError          (a part this request needs is not configured or down)
+ ├─ ServiceUnavailableError ── RevocationsStaleError  (a needed part is not configured or down)
  ├─ AuditLogError                    (the audit log cannot be read, continued or written)
  └─ InferenceUnavailableError
 ```
@@ -146,6 +146,18 @@ class ServiceUnavailableError(CaveError):
     """A part this request needs is not configured or not up (the API answers 503)."""
 
     code = "unavailable"
+
+
+class RevocationsStaleError(ServiceUnavailableError):
+    """This replica's view of revoked model-access keys is too old to trust: model-access keys
+    are refused (fail closed) until a refresh succeeds; retry after `retry_after_s`."""
+
+    code = "revocations_stale"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.args = (message, retry_after_s)  # pickles as cls(*args), across Ray processes
+        self.retry_after_s = retry_after_s
 
 
 class AuditLogError(CaveError):
