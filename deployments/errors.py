@@ -38,6 +38,7 @@ STATUS_BY_ERROR: dict[type[errors.CaveError], int] = {
     errors.SandboxTimeoutError: 504,
     errors.IsolationUnavailableError: 503,
     errors.DatabaseUnavailableError: 503,
+    errors.RevocationsStaleError: 503,  # with Retry-After: the refresh loop retries
     errors.ServiceUnavailableError: 503,
     errors.InferenceUnavailableError: 503,
     errors.SandboxError: 500,
@@ -130,8 +131,8 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
 def _headers_of(error: errors.CaveError, status: int) -> dict[str, str] | None:
     if status == 401:
         return {"WWW-Authenticate": "Bearer"}
-    if isinstance(error, errors.RateLimitedError):  # RFC 9110: whole seconds
-        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    if isinstance(error, errors.RateLimitedError | errors.RevocationsStaleError):
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}  # RFC 9110: seconds
     return None
 
 
