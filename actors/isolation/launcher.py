@@ -24,6 +24,22 @@ from actors.isolation.zygote import Zygote
 # Unshared by the zygote itself: the launcher keeps a mount namespace of its own, whose /proc
 # still shows the zygote for writing its uid map after the zygote has pivoted its root.
 CHILD_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWNET | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+# The sandbox's user namespace is created with this euid plus the launcher's host pid, unique on
+# the host while the sandbox lives (pid_max is at most 2**22). The kernel charges the namespace's
+# inotify, fanotify, mqueue and namespace counts to its owner in the parent namespace: owned by
+# host root, one sandbox could spend root's budget (128 inotify instances by default) for the host
+# and every other sandbox. No host process runs with these uids, so no one outside is the owner.
+OWNER_UID_BASE = 2_000_000_000
+# Per user namespace limits (/proc/sys/user), set by the zygote in its own namespace: bounded
+# whatever the host allows. fanotify_init is refused by seccomp anyway; commands need no user
+# namespace (cave-exec creates only pid and mount namespaces per exec).
+USER_NS_LIMITS = {
+    "max_inotify_instances": 128,
+    "max_inotify_watches": 65536,
+    "max_fanotify_groups": 0,
+    "max_fanotify_marks": 0,
+    "max_user_namespaces": 0,
+}
 
 
 def _high_fd(fd: int) -> int:
@@ -74,6 +90,7 @@ def _launch_isolated(sock: socket.socket, keeper: socket.socket, setup: dict[str
     sc.unshare(sc.CLONE_NEWNS)  # ours alone: the disk mount lives here, unseen by the host
     rootfs.mount_disk(spec)
     sc.unshare(sc.CLONE_NEWPID)
+    launcher_pid = os.getpid()
     to_parent_r, to_parent_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
     pid = os.fork()
@@ -81,7 +98,7 @@ def _launch_isolated(sock: socket.socket, keeper: socket.socket, setup: dict[str
         keeper.close()
         os.close(to_parent_r)
         os.close(to_child_w)
-        _become_zygote(sock, setup, to_parent_w, to_child_r)
+        _become_zygote(sock, setup, to_parent_w, to_child_r, launcher_pid)
     sock.close()
     os.close(to_parent_w)
     os.close(to_child_r)
@@ -120,8 +137,25 @@ def _write_id_maps(pid: int, uid: int) -> None:
             f.write(f"0 {uid} 1\n")
 
 
+def _unshare_user_as(owner_uid: int) -> None:
+    """unshare(CLONE_NEWUSER) with `owner_uid` as the euid, so that it owns the new namespace.
+
+    The real and saved uids stay 0, which keeps the permitted capabilities; the effective ones,
+    cleared by the euid change, are raised again so that the unshare stays privileged.
+    """
+    os.setresuid(0, owner_uid, 0)
+    sc.raise_effective_capabilities()
+    sc.unshare(sc.CLONE_NEWUSER)
+
+
+def _limit_user_namespace() -> None:
+    for name, value in USER_NS_LIMITS.items():
+        with open(f"/proc/sys/user/{name}", "w") as f:
+            f.write(str(value))
+
+
 def _become_zygote(
-    sock: socket.socket, setup: dict[str, Any], to_parent: int, from_parent: int
+    sock: socket.socket, setup: dict[str, Any], to_parent: int, from_parent: int, owner_pid: int
 ) -> NoReturn:
     try:
         sc.set_parent_death_signal(signal.SIGKILL)  # the launcher's end is the sandbox's end
@@ -137,12 +171,13 @@ def _become_zygote(
         rootfs.assemble(rootfs.RootfsSpec(**setup["rootfs"]))
         # The user namespace comes last: mount, net, uts and ipc namespaces stay owned by the
         # host's user namespace: even the zygote's capabilities cannot remount or reconfigure them.
-        sc.unshare(sc.CLONE_NEWUSER)
+        _unshare_user_as(OWNER_UID_BASE + owner_pid)
         os.write(to_parent, b"u")
         if os.read(from_parent, 1) != b"m":
             raise RuntimeError("the launcher did not map the sandbox user")
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+        _limit_user_namespace()
         os.close(to_parent)
         os.close(from_parent)
     except Exception as exc:

@@ -81,3 +81,16 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
         _libc.syscall(SYS_OPENAT2, dirfd, os.fsencode(path), buf, ctypes.c_size_t(len(how))),
         f"open {path}",
     )
+
+
+_CAP_VERSION_3 = 0x20080522
+
+
+def raise_effective_capabilities() -> None:
+    """Make the effective capability set the permitted one (after an euid change cleared it)."""
+    header = struct.pack("Ii", _CAP_VERSION_3, 0)
+    data = ctypes.create_string_buffer(24)  # two __user_cap_data_struct: effective, permitted, inh.
+    _check(_libc.capget(header, data), "capget")
+    words = list(struct.unpack("6I", data.raw))
+    words[0], words[3] = words[1], words[4]  # effective := permitted, for both 32-bit halves
+    _check(_libc.capset(header, struct.pack("6I", *words)), "capset")

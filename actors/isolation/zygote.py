@@ -7,6 +7,7 @@ from __future__ import annotations
 import encodings.ascii  # noqa: F401
 import encodings.latin_1  # noqa: F401
 import errno
+import fcntl
 import os
 import selectors
 import signal
@@ -24,6 +25,7 @@ DEFAULT_ENV = {
     "TERM": "dumb",
 }
 BPF_FD = 3  # where cave-exec finds the seccomp program
+ENV_FD = 4  # where cave-exec finds the command's environment
 
 
 @dataclass
@@ -127,15 +129,21 @@ class Zygote:
             "cave-exec",
             "1" if self.isolated else "0",
             str(BPF_FD if self.bpf_fd >= 0 else -1),
+            str(ENV_FD),
             cwd,
             "--",
             *req["argv"],
         ]
-        env = {**DEFAULT_ENV, **req.get("env", {})}
-        # posix_spawn (vfork underneath): no copy of this Python process per command.
-        if self.isolated:
-            return os.posix_spawn(self.helper_path, argv, env, file_actions=actions)
-        return os.posix_spawn(self.helper_path, argv, env, file_actions=actions, setpgroup=0)
+        env_fd = environment_memfd({**DEFAULT_ENV, **req.get("env", {})})
+        actions.append((os.POSIX_SPAWN_DUP2, env_fd, ENV_FD))
+        # posix_spawn (vfork underneath): no copy of this Python process per command. cave-exec
+        # starts with no environment at all: it holds capabilities until the command's exec.
+        try:
+            if self.isolated:
+                return os.posix_spawn(self.helper_path, argv, {}, file_actions=actions)
+            return os.posix_spawn(self.helper_path, argv, {}, file_actions=actions, setpgroup=0)
+        finally:
+            os.close(env_fd)
 
     def _reap(self, sel: selectors.BaseSelector) -> None:
         while True:
@@ -164,6 +172,28 @@ class Zygote:
                 # Killing the pid-namespace init takes every process of the exec with it,
                 # double-forked daemons included.
                 _kill(run.pid, self.isolated)
+
+
+def environment_memfd(env: dict[str, str]) -> int:
+    """The environment as cave-exec reads it: NUL-terminated KEY=VALUE strings in a memfd."""
+    entries = []
+    for key, value in env.items():
+        name, data = os.fsencode(key), os.fsencode(value)
+        if not name or b"=" in name or b"\0" in name or b"\0" in data:
+            raise ValueError(f"illegal environment variable {key!r}")
+        entries.append(name + b"=" + data + b"\0")
+    # Above the numbers posix_spawn's dup2 actions write (0-4), so that no action overwrites it.
+    memfd = os.memfd_create("cave-env", os.MFD_CLOEXEC)
+    fd = fcntl.fcntl(memfd, fcntl.F_DUPFD_CLOEXEC, 64)
+    os.close(memfd)
+    try:
+        block = b"".join(entries)
+        while block:
+            block = block[os.write(fd, block) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _kill(pid: int, isolated: bool) -> None:

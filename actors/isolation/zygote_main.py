@@ -15,7 +15,7 @@ import sys
 from typing import NoReturn
 
 from actors.isolation.sandbox_files import WORKSPACE
-from actors.isolation.zygote import DEFAULT_ENV, Zygote
+from actors.isolation.zygote import ENV_FD, Zygote, environment_memfd
 
 
 def main(argv: list[str]) -> NoReturn:
@@ -41,6 +41,9 @@ def _serve(sock_fd: int, bpf_fd: int, started_fd: int, log_fd: int, helper: str)
 
 
 def _probe(helper: str) -> NoReturn:
-    pid = os.posix_spawn(helper, ["cave-exec", "1", "-1", "/", "--", "true"], DEFAULT_ENV)
+    env_fd = environment_memfd({"PATH": "/usr/bin:/bin"})
+    argv = ["cave-exec", "1", "-1", str(ENV_FD), "/", "--", "true"]
+    actions = [(os.POSIX_SPAWN_DUP2, env_fd, ENV_FD)]
+    pid = os.posix_spawn(helper, argv, {}, file_actions=actions)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     os._exit(code if code >= 0 else 128 - code)

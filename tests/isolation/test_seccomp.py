@@ -1,7 +1,8 @@
 """Hostile programs run through the real cave-exec helper: refused calls, foreign ABIs, normal work.
 
-Every probe is started as production starts a command: `cave-exec ISOLATED BPF_FD CWD -- ARGV`,
-with the compiled policy in a memfd. ISOLATED=0 keeps the tests independent of namespaces (one test
+Every probe is started as production starts a command: `cave-exec ISOLATED BPF_FD ENV_FD CWD --
+ARGV`, with the compiled policy and the command's environment in memfds, cave-exec itself with no
+environment. ISOLATED=0 keeps the tests independent of namespaces (one test
 checks ISOLATED=1). BPF_FD=-1 runs the same probe with every capability dropped and no filter, which
 shows which refusals only the filter gives. The probes run as root on the host, so a call that goes
 through in that run uses harmless arguments, in a throwaway fork.
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,11 @@ import pyseccomp
 import pytest
 
 from actors.isolation import seccomp_policy
+from actors.isolation.backend import Backend
 from actors.isolation.native.build import ensure_exec_helper
+from actors.isolation.zygote import DEFAULT_ENV, environment_memfd
+from cave.errors import IsolationUnavailableError
+from tests.isolation.conftest import LIMITS, async_test, open_sandbox, run
 
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64", reason="syscall arguments and foreign ABIs below are x86_64's"
@@ -51,14 +56,20 @@ class CaveExec:
         self, argv: list[str], *, filtered: bool = True, isolated: bool = False, stdin: str = ""
     ) -> subprocess.CompletedProcess[str]:
         bpf_fd = self.policy_fd if filtered else NO_FILTER
-        return subprocess.run(
-            [str(self.helper), "1" if isolated else "0", str(bpf_fd), "/tmp", "--", *argv],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            pass_fds=(bpf_fd,) if filtered else (),
-        )
+        env_fd = environment_memfd(DEFAULT_ENV)
+        mode = "1" if isolated else "0"
+        try:
+            return subprocess.run(
+                [str(self.helper), mode, str(bpf_fd), str(env_fd), "/tmp", "--", *argv],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+                pass_fds=(env_fd, bpf_fd) if filtered else (env_fd,),
+                env={},
+            )
+        finally:
+            os.close(env_fd)
 
     def python(
         self, code: str, *argv: str, filtered: bool = True, isolated: bool = False, stdin: str = ""
@@ -154,6 +165,9 @@ HOSTILE_CASES: dict[str, tuple[str, tuple[int | str, ...], int]] = {
     },
     "socket_netlink": ("socket", (seccomp_policy.AF_NETLINK, 3, 0), errno.EPERM),
     "socket_vsock": ("socket", (seccomp_policy.AF_VSOCK, 1, 0), errno.EPERM),
+    "socket_packet": ("socket", (17, 3, 0), errno.EPERM),  # AF_PACKET, SOCK_RAW
+    "socket_alg": ("socket", (38, 5, 0), errno.EPERM),  # AF_ALG: the kernel crypto API
+    "socket_unix_high_bits_family_7": ("socket", (2**32 + 7, 1, 0), errno.EPERM),
     "socket_netlink_high_bits": ("socket", (2**32 + seccomp_policy.AF_NETLINK, 3, 0), errno.EPERM),
     "ioctl_tiocsti": ("ioctl", ("PTY", seccomp_policy.TIOCSTI, "BUF"), errno.EPERM),
     "ioctl_tiocsti_high_bits": (
@@ -196,6 +210,8 @@ ALLOWED_CASES: dict[str, tuple[str, tuple[int | str, ...]]] = {
     "socket_inet": ("socket", (2, 1, 0)),
     "socket_inet6": ("socket", (10, 2, 0)),
     "socket_unix": ("socket", (1, 1, 0)),
+    "socket_inet_high_bits": ("socket", (2**32 + 2, 1, 0)),
+    "ioctl_fionread": ("ioctl", ("PTY", 0x541B, "BUF")),
     "ioctl_tiocgwinsz": ("ioctl", ("PTY", 0x5413, "BUF")),
     "personality_linux": ("personality", (0,)),
     "personality_query": ("personality", (0xFFFFFFFF,)),
@@ -207,16 +223,18 @@ def _nr(name: str) -> int:
     return int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name))
 
 
-# Every name the policy refuses outright (and this libseccomp knows), with all-ones arguments.
+_ALLOWED = set(seccomp_policy.allowed_names())
+_ARG_CHECKED = {rule.syscall for rule in seccomp_policy.ARG_RULES}
+_ENOSYS = {name for name, _ in seccomp_policy.ENOSYS_SYSCALLS}
+# Every syscall this libseccomp knows and the allowlist leaves out, with all-ones arguments: the
+# default refuses each with EPERM. Numbers past the known table get ENOSYS.
 SWEEP_CASES = {
-    f"sweep_{name}": (name, _ALL_ONES, errno_value)
-    for names, errno_value in (
-        (seccomp_policy.DENIED_SYSCALLS, errno.EPERM),
-        (seccomp_policy.ENOSYS_SYSCALLS, errno.ENOSYS),
-    )
-    for name, _ in names
-    if _nr(name) >= 0
+    f"sweep_{name}": (name, _ALL_ONES, errno.ENOSYS if name in _ENOSYS else errno.EPERM)
+    for name in seccomp_policy.known_syscalls().values()
+    if name not in _ALLOWED and name not in _ARG_CHECKED
 }
+_KNOWN_MAX = max(seccomp_policy.known_syscalls())
+UNKNOWN_NUMBERS = (_KNOWN_MAX + 1, _KNOWN_MAX + 7, 999, 1023)
 _X32_GETPID = ["x32_getpid", 0x40000000 | 39, []]
 
 
@@ -226,6 +244,7 @@ def _run_batch(
     payload = [[name, _nr(case[0]), list(case[1])] for name, case in cases.items()]
     if filtered:
         payload.append(_X32_GETPID)
+        payload += [[f"unknown_{nr}", nr, list(_ALL_ONES)] for nr in UNKNOWN_NUMBERS]
     done = cave_exec.python(_BATCH, filtered=filtered, stdin=json.dumps(payload))
     assert done.returncode == 0, done.stderr
     results: dict[str, list[Any]] = json.loads(done.stdout)
@@ -264,6 +283,17 @@ def test_only_the_filter_stops_it(
 def test_allowed_call_still_works(name: str, filtered: dict[str, list[Any]]) -> None:
     ret, err = filtered[name]
     assert ret >= 0, os.strerror(err)
+
+
+def test_every_known_syscall_off_the_allowlist_is_refused() -> None:
+    notable = {name for name, _ in seccomp_policy.NOTABLE_REFUSALS}
+    assert notable <= {case[0] for case in SWEEP_CASES.values()}  # each is really swept
+    assert len(SWEEP_CASES) > 50
+
+
+@pytest.mark.parametrize("number", UNKNOWN_NUMBERS)
+def test_unknown_syscall_numbers_get_enosys(number: int, filtered: dict[str, list[Any]]) -> None:
+    assert filtered[f"unknown_{number}"] == [-1, errno.ENOSYS]
 
 
 def test_x32_syscall_kills_the_process(filtered: dict[str, list[Any]]) -> None:
@@ -364,17 +394,88 @@ def test_compile_policy_is_one_cached_bpf_program() -> None:
     assert len(program) % 8 == 0 and 0 < len(program) // 8 <= 4096
 
 
-def test_unknown_syscall_names_are_skipped(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_an_allowlisted_name_that_does_not_resolve_refuses_the_policy(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bogus = (*seccomp_policy.DENIED_SYSCALLS, ("no_such_syscall", "test"))
-    monkeypatch.setattr(seccomp_policy, "DENIED_SYSCALLS", bogus)
-    with caplog.at_level(logging.DEBUG, logger=seccomp_policy.__name__):
-        program = seccomp_policy.compile_policy.__wrapped__()
-    assert program == seccomp_policy.compile_policy()
-    assert "no_such_syscall" in caplog.text
+    bogus = (*seccomp_policy.ALLOWED_SYSCALLS, "no_such_syscall")
+    monkeypatch.setattr(seccomp_policy, "ALLOWED_SYSCALLS", bogus)
+    with pytest.raises(IsolationUnavailableError, match="no_such_syscall unknown to libseccomp"):
+        seccomp_policy.compile_policy.__wrapped__()
+
+
+def test_a_program_the_kernel_rejects_refuses_the_policy() -> None:
+    jump_out_of_range = bytes.fromhex("05 00 00 00 ff 00 00 00")  # BPF_JA past the end
+    with pytest.raises(IsolationUnavailableError, match="does not load as built"):
+        seccomp_policy._check_it_loads(jump_out_of_range)
+
+
+def test_a_program_that_allows_everything_refuses_the_policy() -> None:
+    allow_all = bytes.fromhex("06 00 00 00 00 00 ff 7f")  # BPF_RET SECCOMP_RET_ALLOW
+    with pytest.raises(IsolationUnavailableError, match="does not load as built"):
+        seccomp_policy._check_it_loads(allow_all)
+
+
+def test_every_allowlisted_name_resolves_on_x86_64_and_aarch64() -> None:
+    for machine, arch in (("x86_64", pyseccomp.Arch.X86_64), ("aarch64", pyseccomp.Arch.AARCH64)):
+        missing = [
+            name
+            for name in seccomp_policy.allowed_names(machine)
+            if int(pyseccomp.resolve_syscall(arch, name)) < 0
+        ]
+        assert missing == [], machine
+
+
+def test_complement_cubes_cover_exactly_the_other_words() -> None:
+    values = (0x5412, 0x541C)
+    cubes = list(seccomp_policy.complement_cubes(values, width=16))
+    for word in range(1 << 16):
+        hits = sum((word & mask) == value for mask, value in cubes)
+        assert hits == (0 if word in values else 1), hex(word)
 
 
 def test_docs_carry_the_current_policy_table() -> None:
     docs = (REPO_ROOT / "docs" / "seccomp.md").read_text(encoding="utf-8")
     assert seccomp_policy.policy_table() in docs
+
+
+# What a user runs first in a sandbox: each must work under the allowlist, in a real sandbox.
+EVERYDAY_TOOLS = {
+    "python3": "python3 -c 'import json, sqlite3, ssl, subprocess, threading; print(\"py ok\")'",
+    "gcc": (
+        "cd /tmp && printf '#include <stdio.h>\\nint main(void){puts(\"c ok\");return 0;}\\n'"
+        " > t.c && gcc -O2 -o t t.c && ./t"
+    ),
+    "node": (
+        "node -e \"const fs=require('fs'); fs.writeFileSync('/tmp/n.txt','x');"
+        " require('child_process').execSync('true');"
+        " console.log('node ok', fs.readFileSync('/tmp/n.txt', 'utf8'))\""
+    ),
+    "git": (
+        "cd /tmp && git init -q r && cd r && echo x > f && git add f"
+        " && git -c user.name=t -c user.email=t@example.com commit -q -m first"
+        " && git log --format=%s"
+    ),
+    "pip": (
+        "pip --version >/dev/null && python3 -m venv /tmp/v && /tmp/v/bin/pip --version | cut -c1-4"
+    ),
+}
+EVERYDAY_OUTPUT = {
+    "python3": b"py ok\n",
+    "gcc": b"c ok\n",
+    "node": b"node ok x\n",
+    "git": b"first\n",
+    "pip": b"pip \n",
+}
+
+
+@pytest.mark.parametrize("tool", EVERYDAY_TOOLS)
+@async_test
+async def test_everyday_tools_work_in_a_sandbox(backend: Backend, tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.fail(f"{tool} is not installed on this host; the sandbox borrows the host's /usr")
+    limits = LIMITS.model_copy(update={"disk_mb": 256, "memory_mb": 512, "timeout_s": 120})
+    async with open_sandbox(backend, limits) as sandbox:
+        out, err, result = await run(sandbox, EVERYDAY_TOOLS[tool])
+        status, _, _ = await run(sandbox, ["grep", "Seccomp:", "/proc/self/status"])
+    assert (result.exit_code, out) == (0, EVERYDAY_OUTPUT[tool]), err.decode(errors="replace")
+    assert status == b"Seccomp:\t2\n"
