@@ -37,8 +37,10 @@ def api_env(env: Mapping[str, str], cwd: Path) -> dict[str, str]:
     absolute (replicas run in Ray's working directories, not this one)."""
     passed = {k: v for k, v in env.items() if k.startswith(_PASSED_PREFIXES)}
     passed.pop("CAVE_HOME", None)
-    if not passed.get("BKG_DB_DSN"):
+    if not passed.get("BKG_DB_DSN") and not passed.get("BKG_DB_DSN_FILE"):
         passed["BKG_DB_PATH"] = str((cwd / passed.get("BKG_DB_PATH", "var/cave.db")).absolute())
+    for name in [k for k in passed if k.endswith("_FILE") and passed[k]]:  # secrets, models.toml
+        passed[name] = str(cwd / passed[name])
     passed["CAVE_SECRETS_DIR"] = str(cwd / passed.get("CAVE_SECRETS_DIR", "var/secrets"))
     if "CAVE_AUDIT_LOG_PATH" in passed:
         passed["CAVE_AUDIT_LOG_PATH"] = str(cwd / passed["CAVE_AUDIT_LOG_PATH"])

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, SecretBytes, ValidationError, field_validator
 
-from cave.env import parse_bool, parse_choice
+from cave.env import env_secret, parse_bool, parse_choice
 from cave.errors import ConfigError
 
 log = logging.getLogger("cave.audit")
@@ -72,8 +72,8 @@ def decode_hmac_key(raw: str) -> bytes:
 
 def key_from_env(env: Mapping[str, str] | None = None) -> bytes:
     """The key from CAVE_AUDIT_LOG_HMAC_KEY (for verifying); a ConfigError when absent or bad."""
-    raw = (os.environ if env is None else env).get(KEY_VARIABLE, "")
-    if not raw.strip():
+    raw = env_secret(os.environ if env is None else env, KEY_VARIABLE)
+    if raw is None:
         raise ConfigError(f"{KEY_VARIABLE} is not set: it is needed to verify the audit log")
     return decode_hmac_key(raw)
 
@@ -132,14 +132,15 @@ def load_audit_settings(env: Mapping[str, str] | None = None) -> AuditSettings:
 
 
 def _key_fields(env: Mapping[str, str], enabled: bool) -> dict[str, object]:
-    raw = env.get(KEY_VARIABLE, "")
-    if raw.strip():
+    raw = env_secret(env, KEY_VARIABLE)  # or CAVE_AUDIT_LOG_HMAC_KEY_FILE
+    if raw is not None:
         return {"hmac_key": decode_hmac_key(raw)}  # checked even when the log is disabled
     if not enabled:
         return {}
     if env.get("CAVE_ENV", "development").strip().lower() == "production":
         raise ConfigError(
-            f"{KEY_VARIABLE} is required when CAVE_AUDIT_LOG_ENABLED=true and CAVE_ENV=production"
+            f"{KEY_VARIABLE} is required when CAVE_AUDIT_LOG_ENABLED=true and "
+            f"CAVE_ENV=production (or {KEY_VARIABLE}_FILE naming a file that holds it)"
         )
     log.warning(
         "%s is not set: signing the audit log with a random key of this process only "

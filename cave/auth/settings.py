@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cave.env import env_secret
 from cave.errors import ConfigError
 
 log = logging.getLogger("cave.auth")
@@ -41,13 +42,20 @@ def load_auth_settings(
             raise ValueError
     except ValueError:
         raise ConfigError(f"CAVE_KEY_ROTATION_GRACE_S={grace!r}: expected seconds >= 0") from None
-    webhook = env.get("CAVE_ROTATION_WEBHOOK_SECRET")
+    webhook = env_secret(env, "CAVE_ROTATION_WEBHOOK_SECRET")
+    webhook_url = env.get("CAVE_ROTATION_WEBHOOK_URL") or None
+    if production and webhook_url and not webhook:
+        # Without the secret the webhooks would silently not be sent: refuse, do not degrade.
+        raise ConfigError(
+            "CAVE_ROTATION_WEBHOOK_URL is set but CAVE_ROTATION_WEBHOOK_SECRET (or its _FILE) "
+            "is not: CAVE_ENV=production sends no unsigned webhooks and drops none silently"
+        )
     return AuthSettings(
         production=production,
         key_pepper=_secret(env, "CAVE_KEY_PEPPER", 32, production, secrets_dir),
         secret_key=_secret(env, "CAVE_SECRET_KEY", 32, production, secrets_dir, exact=True),
         webhook_secret=webhook.encode() if webhook else None,
-        webhook_url=env.get("CAVE_ROTATION_WEBHOOK_URL") or None,
+        webhook_url=webhook_url,
         rotation_grace_s=grace_s,
     )
 
@@ -60,7 +68,7 @@ def _secret(
     secrets_dir: Path,
     exact: bool = False,
 ) -> bytes:
-    raw = env.get(name)
+    raw = env_secret(env, name)
     if raw:
         value = _decode(name, raw)
         if len(value) < size or (exact and len(value) != size):
@@ -68,7 +76,10 @@ def _secret(
             raise ConfigError(f"{name} must decode to {want} bytes, got {len(value)}")
         return value
     if production:
-        raise ConfigError(f"{name} is required when CAVE_ENV=production (base64, {size} bytes)")
+        raise ConfigError(
+            f"{name} is required when CAVE_ENV=production "
+            f"(base64, {size} bytes; or {name}_FILE naming a file that holds it)"
+        )
     return _development_secret(secrets_dir / name.lower(), size, name)
 
 

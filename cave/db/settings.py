@@ -1,4 +1,4 @@
-"""Database settings: BKG_DB_DSN selects PostgreSQL (asyncpg), else BKG_DB_PATH selects SQLite."""
+"""Database settings: BKG_DB_DSN(_FILE) selects PostgreSQL (asyncpg), else BKG_DB_PATH SQLite."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from cave.env import env_secret
 from cave.errors import ConfigError
 
 DEFAULT_SQLITE_PATH = Path("var") / "cave.db"
@@ -66,8 +67,14 @@ def load_database_settings(
 ) -> DatabaseSettings:
     """Read BKG_DB_DSN / BKG_DB_PATH from `env` (default os.environ); relative paths use `cwd`."""
     env = os.environ if env is None else env
-    dsn = env.get("BKG_DB_DSN", "").strip()
+    dsn = (env_secret(env, "BKG_DB_DSN") or "").strip()  # or BKG_DB_DSN_FILE: it holds a password
     path = env.get("BKG_DB_PATH", "").strip()
+    if not dsn and not path and env.get("CAVE_ENV", "").strip().lower() == "production":
+        # A mistyped BKG_DB_DSN_FILE must not turn into a fresh SQLite file in a worker's cwd.
+        raise ConfigError(
+            "BKG_DB_DSN (or BKG_DB_DSN_FILE) is required when CAVE_ENV=production; "
+            "set BKG_DB_PATH to run on SQLite on purpose"
+        )
     if dsn:
         if path:
             log.warning(

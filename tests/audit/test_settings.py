@@ -127,3 +127,12 @@ def test_key_from_env() -> None:
     assert key_from_env({"CAVE_AUDIT_LOG_HMAC_KEY": UNPADDED}) == KEY
     with pytest.raises(ConfigError, match="CAVE_AUDIT_LOG_HMAC_KEY is not set"):
         key_from_env({})
+
+
+def test_the_key_may_come_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "hmac").write_text(UNPADDED + "\n")
+    env = {"CAVE_AUDIT_LOG_HMAC_KEY_FILE": str(tmp_path / "hmac"), "CAVE_ENV": "production"}
+    settings = load_audit_settings({**env, "CAVE_AUDIT_LOG_ENABLED": "true"})
+    assert settings.key_bytes() == KEY and key_from_env(env) == KEY
+    with pytest.raises(ConfigError, match="CAVE_AUDIT_LOG_HMAC_KEY_FILE=.*cannot read it"):
+        load_audit_settings({"CAVE_AUDIT_LOG_HMAC_KEY_FILE": str(tmp_path / "gone")})

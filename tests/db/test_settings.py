@@ -92,3 +92,18 @@ def test_exactly_one_backend() -> None:
         DatabaseSettings()
     with pytest.raises(ValueError, match="absolute"):
         DatabaseSettings(path=Path("relative.db"))
+
+
+def test_the_dsn_may_come_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "dsn").write_text("postgresql://cave:s3cret@db.internal:5432/cave\n")
+    settings = load_database_settings({"BKG_DB_DSN_FILE": str(tmp_path / "dsn")})
+    assert settings.url().password == "s3cret" and settings.backend == "postgresql"
+    with pytest.raises(ConfigError, match="BKG_DB_DSN and BKG_DB_DSN_FILE are both set"):
+        load_database_settings({"BKG_DB_DSN": "postgresql://x@h/d", "BKG_DB_DSN_FILE": "/x"})
+
+
+def test_production_refuses_to_make_up_a_database(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="BKG_DB_DSN .* is required when CAVE_ENV=production"):
+        load_database_settings({"CAVE_ENV": "production"}, cwd=tmp_path)
+    chosen = {"CAVE_ENV": "production", "BKG_DB_PATH": str(tmp_path / "cave.db")}
+    assert load_database_settings(chosen).backend == "sqlite"  # SQLite on purpose is allowed
