@@ -18,6 +18,7 @@ from ray.exceptions import (
     RayTaskError,
 )
 
+from actors.isolation.guarantees import Isolation
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.placement import DEFAULT_POOL, SandboxNode
 from actors.sandbox_actor import ExecOutput, SandboxInfo
@@ -130,6 +131,26 @@ async def ensure_pools(settings: Settings) -> int:
     for node in nodes:
         await asyncio.to_thread(warm_pool, node.node_id, settings)  # cached after the first
     return len(nodes)
+
+
+async def isolation_by_node(settings: Settings) -> dict[str, Isolation | CaveError]:
+    """What each sandbox node's warm pool gives its sandboxes, or why it refuses to start any
+    (IsolationUnavailableError under CAVE_ENV=production); pools are started where missing."""
+    nodes: list[SandboxNode] = await directory().nodes.remote(settings.placement.max_per_node)
+    pools = [await asyncio.to_thread(warm_pool, n.node_id, settings) for n in nodes]
+    reports = await asyncio.gather(
+        *(
+            call(f"pool of {n.node_id}", pool.isolation_report.remote())
+            for n, pool in zip(nodes, pools, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    found: dict[str, Isolation | CaveError] = {}
+    for node, report in zip(nodes, reports, strict=True):
+        if isinstance(report, BaseException) and not isinstance(report, CaveError):
+            raise report
+        found[node.node_id] = report
+    return found
 
 
 async def node_load(settings: Settings) -> list[tuple[str, str, int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,13 +12,21 @@ from functools import cache
 import ray
 
 from actors.isolation.backend import Backend, select_backend
-from actors.isolation.results import ExecResult, ExecStarted, FileEntry, OutputChunk
+from actors.isolation.guarantees import Isolation
+from actors.isolation.results import (
+    ExecResult,
+    ExecStarted,
+    FileEntry,
+    KeptOutput,
+    OutputChunk,
+)
 from actors.isolation.sandbox import Sandbox
 from actors.isolation.stdin_feed import StdinFeed
 from cave.errors import InvalidArgumentError, SandboxError, SandboxStateError
 from config.settings import IsolationSettings, SandboxLimits
 
 SHELL = "/bin/sh"
+log = logging.getLogger("cave.isolation")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class SandboxInfo:
     created_at: float
     failure: str | None = None
     slot: str = ""  # names its cgroup and state directory on the node
+    isolation: Isolation | None = None  # what the backend that runs it really gives
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,11 @@ class SandboxService:
         self._id = sandbox_id
         self._created_at = time.time()
         await self._sandbox.start(limits)
+        isolation = self._sandbox.backend.isolation
+        if isolation.degraded:  # loud on every sandbox, not once per process
+            log.warning(
+                "sandbox %s runs with degraded isolation: %s", sandbox_id, isolation.describe()
+            )
         return self.info()
 
     def info(self) -> SandboxInfo:
@@ -87,6 +102,7 @@ class SandboxService:
             self._created_at,
             sb.failure,
             sb.id,
+            sb.backend.isolation,
         )
 
     async def exec(
@@ -158,15 +174,18 @@ class SandboxService:
         cwd: str | None = None,
         stdin: bytes | None = None,
         timeout_s: float | None = None,
+        inline_bytes: int | None = None,
     ) -> ExecOutput:
-        """Run to completion in one call: cheaper than the stream when output is not needed live."""
-        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        """Run to completion in one call: cheaper than the stream when output is not needed live.
+        `inline_bytes`: keep at most this much of each stream (the API's inline cap), here, so
+        that the rest never crosses Ray; the result says `truncated` then."""
+        kept = KeptOutput(inline_bytes)
         async for item in self._sandbox.exec(
             command_argv(command), env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s
         ):
             if isinstance(item, ExecResult):
-                return ExecOutput(b"".join(out["stdout"]), b"".join(out["stderr"]), item)
-            out[item.stream].append(item.data)
+                return ExecOutput(*kept.finish(item))
+            kept.add(item)
         raise SandboxError("the exec ended without a result")
 
     async def write_file(self, path: str, data: bytes) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, cast
 
 import ray
@@ -12,7 +13,10 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.isolation import janitor
+from actors.isolation.backend import Backend
+from actors.isolation.guarantees import Isolation
 from actors.sandbox_actor import SandboxActor, SandboxInfo, backend_for
+from cave.errors import IsolationUnavailableError
 from config.settings import IsolationSettings, SandboxLimits
 
 log = logging.getLogger("cave.pool")
@@ -21,6 +25,7 @@ POOL_PREFIX = "cave-pool-"
 PRUNE_EVERY = 64  # claims between two prunes of the handed-out list
 REFILL_DELAY_S = 0.05
 SPARE_WAIT_S = 30.0  # a create waiting for a spare in preparation starts its own after this
+REPROBE_S = 30.0  # a node that refused to isolate is probed again after this (fixed meanwhile?)
 
 
 def pool_name(node_id: str) -> str:
@@ -46,6 +51,26 @@ class PoolService:
         self.created = 0
         # What this pool handed out, so that a restarted directory can learn it again.
         self._claimed: dict[str, ActorHandle] = {}
+        self._refused: tuple[str, float] | None = None  # why this node cannot isolate, and when
+
+    def _backend(self) -> Backend:
+        """This node's backend; IsolationUnavailableError, remembered a while, when it refuses
+        (CAVE_ENV=production or no fallback): then no sandbox actor is ever started here."""
+        if self._refused is not None and time.monotonic() - self._refused[1] < REPROBE_S:
+            raise IsolationUnavailableError(self._refused[0])
+        try:
+            backend = backend_for(self.isolation)
+        except IsolationUnavailableError as exc:
+            if self._refused is None:
+                log.error("node %s refuses to start sandboxes: %s", self.node_id, exc)
+            self._refused = (str(exc), time.monotonic())
+            raise
+        self._refused = None
+        return backend
+
+    def isolation_report(self) -> Isolation:
+        """What sandboxes started here get (readiness, metrics); raises when the node refuses."""
+        return self._backend().isolation
 
     def _new_actor(self) -> ActorHandle:
         self.created += 1
@@ -66,7 +91,10 @@ class PoolService:
     def refill(self) -> None:
         # Sandboxes of actors that died without stop() (crash, ray.kill) are swept here, on
         # their node, where the pool runs anyway after every claim.
-        janitor.sweep(backend_for(self.isolation))
+        try:
+            janitor.sweep(self._backend())
+        except IsolationUnavailableError:
+            return  # logged once; creates say why, and so does readiness
         missing = self.size - self._ready.qsize() - self._filling
         for _ in range(max(0, missing)):
             asyncio.ensure_future(self._prepare_one())
@@ -107,6 +135,7 @@ class PoolService:
         The pool already talks to its spares and to the directory, so the calls that follow the
         claim cost no address lookups, which a client's first call to a new actor does.
         """
+        self._backend()  # a node that cannot isolate refuses before any actor starts
         actor = await self._take()
         try:
             info: SandboxInfo = await actor.start.remote(sandbox_id, limits)
@@ -142,6 +171,7 @@ class PoolService:
             "filling": self._filling,
             "size": self.size,
             "created": self.created,
+            "refused": int(self._refused is not None),
         }
 
     async def drain(self) -> None:

@@ -9,7 +9,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from cave.env import parse_bool, parse_choice
@@ -58,6 +65,9 @@ class LimitOverrides(BaseModel, frozen=True, extra="forbid"):
 class IsolationSettings(BaseModel, frozen=True, extra="forbid"):
     """How a node isolates its sandboxes."""
 
+    # CAVE_ENV=production: refuse to run sandboxes with less than namespaces + seccomp + cgroups.
+    # Declared first so that the backend's validator sees it.
+    production: bool = False
     backend: Backend
     bwrap_path: str | None = None
     cgroup_root: str
@@ -71,6 +81,13 @@ class IsolationSettings(BaseModel, frozen=True, extra="forbid"):
     def _empty_is_none(cls, value: object) -> object:
         # TOML has no null: an empty string means "not set".
         return None if value == "" else value
+
+    @field_validator("backend")
+    @classmethod
+    def _isolating_in_production(cls, value: str, info: ValidationInfo) -> str:
+        if value == "none" and info.data.get("production"):
+            raise ValueError("CAVE_ENV=production refuses to run sandboxes without isolation")
+        return value
 
     @field_validator("cgroup_root")
     @classmethod
@@ -193,6 +210,10 @@ ENV_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
 }
 
 # (section, key) -> (variable, raw value) for every setting taken from the environment
+def _is_production(raw: str) -> bool:
+    return raw.strip().lower() == "production"  # as cave/auth/settings.py reads CAVE_ENV
+
+
 _Sources = dict[tuple[str, str], tuple[str, str]]
 
 
@@ -206,6 +227,7 @@ def load_settings(env: Mapping[str, str] | None = None, toml_path: Path | None =
     except ValidationError as exc:
         problems = [_describe(error, path, sources) for error in exc.errors()]
         raise ConfigError("; ".join(problems)) from None
+    "CAVE_ENV": ("isolation", "production", _is_production),
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

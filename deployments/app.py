@@ -20,6 +20,7 @@ from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
 from deployments.errors import RequestIdMiddleware, install_error_handlers
 from deployments.llm_engine import engine_apps
+from deployments.isolation_metrics import IsolationMetrics
 from deployments.logs import configure_logging
 from deployments.mcp import build_mcp_app
 from deployments.metrics import ApiMetrics, install_metrics
@@ -76,6 +77,7 @@ def create_api(
         metrics.set_node_counter(partial(remote.node_load, services.sandboxes.settings))
         services.sandboxes.exec_observer = metrics.observe_exec
         upkeep = Upkeep(services, merged_env)
+        IsolationMetrics(metrics, services.sandboxes)
         upkeep.start()
         # The MCP app needs the services, so it joins the routes here, before any request.
         # A Route, not a Mount: a Mount would redirect /mcp to /mcp/.

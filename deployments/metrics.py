@@ -100,6 +100,7 @@ class ApiMetrics:
         self._node_counter: NodeCounter | None = None
         self._sandbox_count_timeout_s = sandbox_count_timeout_s
         self._states_seen: set[str] = set()
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
 
     def _add_http_metrics(self) -> None:
         self._requests = Counter(
@@ -200,10 +201,17 @@ class ApiMetrics:
 
     async def _refresh_sandboxes(self) -> None:
         if self._sandbox_counter is None:
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Run `refresh` (it sets gauges of its own in `registry`) before each scrape; it must
+        not raise (deployments/isolation_metrics.py is one)."""
+        self._refreshers.append(refresh)
+
             return
         try:
             counts = await self._count_sandboxes(self._sandbox_counter)
         except Exception:
+        for refresh in self._refreshers:
+            await refresh()
             # A failing database must not hide the other metrics; a stale count would mislead.
             log.warning("counting sandboxes for /metrics failed", exc_info=True)
             self._count_failures.inc()

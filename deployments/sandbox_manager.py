@@ -215,6 +215,7 @@ class SandboxManager(SandboxOps):
         self.live[row.id] = Live(row.namespace_id, actor)
         await self._audit(principal, "sandbox.start", row, {"node_id": info.node_id})
         return row
+            isolation=info.isolation.as_dict() if info.isolation else None,  # the actor's word
 
     async def stop(
         self, principal: Principal, sandbox_id: str, reason: str = "requested"

@@ -11,7 +11,7 @@ from actors.isolation.results import ExecResult, FileEntry
 from cave.auth import api_keys
 from cave.db import SandboxRow
 from cave.errors import InvalidArgumentError
-from deployments.schemas import ExecOut, FileEntryOut, LimitsOut, SandboxOut
+from deployments.schemas import ExecOut, FileEntryOut, IsolationOut, LimitsOut, SandboxOut
 
 _FILE_TYPES = {"file", "dir", "symlink"}
 
@@ -33,6 +33,7 @@ def sandbox_out(row: SandboxRow) -> SandboxOut:
         idle_timeout_s=row.idle_timeout_s,
         failure=row.failure,
         api_key_masked=api_keys.mask(row.api_key_id) if row.api_key_id else None,
+        isolation=IsolationOut.model_validate(row.isolation) if row.isolation else None,
     )
 
 

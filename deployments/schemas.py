@@ -72,6 +72,26 @@ class CreateSandboxRequest(_Body):
     )
 
 
+class GuaranteesOut(BaseModel):
+    namespaces: bool = Field(description="Own user, pid, mount, net, ipc and uts namespaces.")
+    seccomp: bool = Field(description="The seccomp filter on every command.")
+    cgroups: bool = Field(description="Memory, pids and CPU limits enforced by a cgroup.")
+    overlayfs: bool = Field(
+        description="A private overlay root (builtin); bwrap gives a read-only root with tmpfs."
+    )
+
+
+class IsolationOut(BaseModel):
+    """What isolation the sandbox really got, as the actor that runs it reported."""
+
+    backend: Literal["builtin", "bwrap", "none"]
+    guarantees: GuaranteesOut
+    degraded: bool = Field(
+        description="True when namespaces, seccomp or cgroups is missing: never in production."
+    )
+    reason: str | None = Field(None, description="Why it is degraded.")
+
+
 class SandboxOut(BaseModel):
     id: str
     name: str
@@ -88,6 +108,9 @@ class SandboxOut(BaseModel):
     idle_timeout_s: float | None
     failure: str | None = None
     api_key_masked: str | None = Field(None, description="The sandbox's own API key, masked.")
+    isolation: IsolationOut | None = Field(
+        None, description="Its isolation when last started; null when it never started."
+    )
 
 
 class CreatedSandboxOut(SandboxOut):
@@ -204,6 +227,9 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     code: str = Field(examples=["sandbox_not_found"])
+    isolation: dict[str, IsolationOut] = Field(
+        default_factory=dict, description="/readyz: what each sandbox node's sandboxes get."
+    )
     message: str
     request_id: str
     details: list[dict[str, object]] | None = Field(

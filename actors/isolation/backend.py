@@ -1,4 +1,8 @@
-"""Which isolation this node gives (namespaces, bubblewrap or degraded), probed once per process."""
+"""Which isolation this node gives (namespaces, bubblewrap or degraded), probed once per process.
+
+Fails closed: bubblewrap is never used without cgroups, and with CAVE_ENV=production (or
+CAVE_ISOLATION_NO_FALLBACK=true) anything short of namespaces + seccomp + cgroups is refused.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 
 from actors.isolation import bwrap
 from actors.isolation.cgroups import CgroupDriver, open_driver
+from actors.isolation.guarantees import Isolation
 from actors.isolation.native.build import ensure_exec_helper
 from actors.isolation.rootfs import RootfsSpec, ensure_host_base
 from actors.isolation.seccomp_policy import compile_policy
@@ -43,6 +48,19 @@ class Backend:
     exec_helper: Path
     seccomp_bpf: bytes | None
     bwrap_path: str | None = None  # the bwrap binary the probe ran (bwrap backend only)
+    reason: str | None = None  # why this backend is less than full isolation (degraded only)
+
+    @property
+    def isolation(self) -> Isolation:
+        """What this backend really gives each sandbox, as the API reports it."""
+        return Isolation(
+            self.name,
+            namespaces=self.isolated,
+            seccomp=self.seccomp_bpf is not None,
+            cgroups=self.cgroups is not None,
+            overlayfs=self.name == "builtin",
+            reason=self.reason,
+        )
 
 
 def namespaces_work() -> bool:
@@ -64,12 +82,18 @@ def _warn_degraded(reason: str) -> None:
     banner = "!" * 78
     log.warning(
         "%s\nCAVE IS RUNNING SANDBOXES WITHOUT ISOLATION: %s\n"
-        "Untrusted code can read and change this host. Set CAVE_ISOLATION_NO_FALLBACK=true "
-        "to refuse instead.\n%s",
+        "Untrusted code can read and change this host. Set CAVE_ENV=production or "
+        "CAVE_ISOLATION_NO_FALLBACK=true to refuse instead.\n%s",
         banner,
         reason,
         banner,
     )
+
+
+def _refusal(settings: IsolationSettings) -> str:
+    if settings.production:
+        return "CAVE_ENV=production requires namespaces, seccomp and cgroups"
+    return "CAVE_ISOLATION_NO_FALLBACK=true"
 
 
 def select_backend(settings: IsolationSettings) -> Backend:
@@ -82,12 +106,20 @@ def select_backend(settings: IsolationSettings) -> Backend:
             return make(settings, helper)
         except CaveError as exc:
             reasons.append(f"{name}: {exc}")
-    reason = "; ".join(reasons) or "CAVE_ISOLATION_BACKEND=none"
-    if settings.no_fallback:
+    reason = "; ".join(reasons) or "CAVE_ISOLATION_BACKEND=none asked for no isolation"
+    if settings.production or settings.no_fallback:
         raise IsolationUnavailableError(
-            f"cannot isolate sandboxes: {reason} (CAVE_ISOLATION_NO_FALLBACK=true)"
+            f"cannot isolate sandboxes: {reason} ({_refusal(settings)})"
         )
     _warn_degraded(reason)
+    return _degraded(settings, helper, reason)
+
+
+def _degraded(settings: IsolationSettings, helper: Path, reason: str) -> Backend:
+    """No namespaces: the zygote runs on the host, with cgroups and seccomp where they work."""
+    lacking = [reason]
+    cgroups = _cgroups_or_none(settings, lacking)
+    seccomp = _seccomp_or_none(lacking)
     return Backend(
         "none",
         False,
@@ -95,9 +127,10 @@ def select_backend(settings: IsolationSettings) -> Backend:
         settings.state_dir,
         (),
         settings.sandbox_uid,
-        _cgroups_or_none(settings),
+        cgroups,
         helper,
-        _seccomp_or_none(),
+        seccomp,
+        reason="; ".join(lacking),
     )
 
 
@@ -135,6 +168,7 @@ def _bwrap(settings: IsolationSettings, helper: Path) -> Backend:
     # Not root: bwrap runs as this service's own uid, the only one it can map without privileges.
     uid = settings.sandbox_uid if os.geteuid() == 0 else os.geteuid()
     spec = RootfsSpec(str(base), "", 1 << 20, 1 << 20, uid, "cave-probe", binds)
+    cgroups = _required_cgroups(settings)  # never bwrap without memory, pids and CPU limits
     try:
         path = bwrap.resolve(settings.bwrap_path)
         bwrap.probe(path, spec, str(helper))
@@ -147,7 +181,7 @@ def _bwrap(settings: IsolationSettings, helper: Path) -> Backend:
         base,
         binds,
         uid,
-        _cgroups_or_none(settings),
+        cgroups,
         helper,
         compile_policy(),
         bwrap_path=path,
@@ -163,19 +197,30 @@ _CANDIDATES: dict[str, tuple[tuple[str, Callable[[IsolationSettings, Path], Back
 # --- end bwrap backend ---
 
 
-def _seccomp_or_none() -> bytes | None:
+def _required_cgroups(settings: IsolationSettings) -> CgroupDriver:
+    try:
+        return open_driver(settings.cgroup_root)
+    except CaveError as exc:
+        raise IsolationUnavailableError(
+            f"no cgroups ({exc}): bubblewrap is never used without memory, pids and CPU limits"
+        ) from None
+
+
+def _seccomp_or_none(lacking: list[str]) -> bytes | None:
     try:
         return compile_policy()
     except CaveError as exc:
         log.warning("no seccomp filter for sandboxes: %s", exc)
+        lacking.append(f"no seccomp: {exc}")
         return None
 
 
-def _cgroups_or_none(settings: IsolationSettings) -> CgroupDriver | None:
+def _cgroups_or_none(settings: IsolationSettings, lacking: list[str]) -> CgroupDriver | None:
     try:
         return open_driver(settings.cgroup_root)
     except CaveError as exc:
         log.warning("no cgroups for sandboxes (%s): memory, pids and CPU are not limited", exc)
+        lacking.append(f"no cgroups: {exc}")
         return None
 
 

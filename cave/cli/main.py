@@ -12,6 +12,7 @@ from typing import cast
 
 import ray
 
+from actors.isolation.guarantees import Isolation
 from actors.sandboxes import choose_node, directory, warm_pool
 from cave.audit import cli as audit_cli
 from cave.cli import keys_cmds, run, sandbox_cmds
@@ -95,9 +96,16 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _prewarm(settings: Settings) -> dict[str, int]:
-    """Create the head node's warm pool and wait, bounded, until its sandboxes are prepared."""
+    """Create the head node's warm pool and wait, bounded, until its sandboxes are prepared.
+
+    A node that cannot isolate (CAVE_ENV=production) fails `cave up` with the reason; a
+    degraded one is said so on stderr.
+    """
     pool = warm_pool(choose_node(), settings)
     ray.get(directory().ids.remote())  # started now, not by the first create
+    isolation: Isolation = ray.get(pool.isolation_report.remote())
+    if isolation.degraded:
+        print(f"cave: warning: sandboxes are NOT isolated: {isolation.describe()}", file=sys.stderr)
     deadline = time.monotonic() + PREWARM_TIMEOUT_S
     while True:
         stats = cast(dict[str, int], ray.get(pool.stats.remote()))

@@ -66,6 +66,25 @@ class LimitsInfo(_Model):
     output_bytes: int
 
 
+class Guarantees(_Model):
+    """Which layers of isolation a sandbox has (see docs/isolation.md)."""
+
+    namespaces: bool
+    seccomp: bool
+    cgroups: bool
+    overlayfs: bool
+
+
+class IsolationInfo(_Model):
+    """The isolation a sandbox really got; `degraded` means namespaces, seccomp or cgroups is
+    missing (a development server that could not isolate: never in production)."""
+
+    backend: str
+    guarantees: Guarantees
+    degraded: bool
+    reason: str | None = None
+
+
 class SandboxInfo(_Model):
     id: str
     name: str
@@ -84,6 +103,8 @@ class SandboxInfo(_Model):
     api_key_masked: str | None = None
     api_key: str | None = None
     """The sandbox's own API key in full: only in the answer to create."""
+    isolation: IsolationInfo | None = None
+    """Its isolation when last started (None: never started, or an older server)."""
 
 
 class SandboxPage(_Model):

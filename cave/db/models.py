@@ -95,6 +95,8 @@ class SandboxRow(NamespaceOwned, Base):
 class ExecutionRow(NamespaceOwned, Base):
     __tablename__ = "executions"
     __table_args__ = (
+    # What the actor that ran it reported: backend, guarantees, degraded (None: never started).
+    isolation: Mapped[dict[str, Any] | None]
         # An execution always belongs to its sandbox's namespace.
         ForeignKeyConstraint(
             ["sandbox_id", "namespace_id"], ["sandboxes.id", "sandboxes.namespace_id"]
