@@ -184,6 +184,10 @@ def _backend(raw: str) -> str:
     return parse_choice(raw, get_args(Backend))
 
 
+def _is_production(raw: str) -> bool:
+    return raw.strip().lower() == "production"  # as cave/auth/settings.py reads CAVE_ENV
+
+
 _LIMIT_PARSERS: dict[str, Callable[[str], object]] = {
     "memory_mb": _positive_int,
     "pids": _positive_int,
@@ -197,6 +201,7 @@ _LIMIT_PARSERS: dict[str, Callable[[str], object]] = {
 ENV_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     **{f"CAVE_DEFAULT_{k.upper()}": ("defaults", k, p) for k, p in _LIMIT_PARSERS.items()},
     **{f"CAVE_MAX_{k.upper()}": ("maximum", k, p) for k, p in _LIMIT_PARSERS.items()},
+    "CAVE_ENV": ("isolation", "production", _is_production),
     "CAVE_ISOLATION_BACKEND": ("isolation", "backend", _backend),
     "CAVE_BWRAP_PATH": ("isolation", "bwrap_path", str),
     "CAVE_CGROUP_ROOT": ("isolation", "cgroup_root", str),
@@ -210,10 +215,6 @@ ENV_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
 }
 
 # (section, key) -> (variable, raw value) for every setting taken from the environment
-def _is_production(raw: str) -> bool:
-    return raw.strip().lower() == "production"  # as cave/auth/settings.py reads CAVE_ENV
-
-
 _Sources = dict[tuple[str, str], tuple[str, str]]
 
 
@@ -227,7 +228,6 @@ def load_settings(env: Mapping[str, str] | None = None, toml_path: Path | None =
     except ValidationError as exc:
         problems = [_describe(error, path, sources) for error in exc.errors()]
         raise ConfigError("; ".join(problems)) from None
-    "CAVE_ENV": ("isolation", "production", _is_production),
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from actors import remote
 from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
 from deployments.errors import RequestIdMiddleware, install_error_handlers
-from deployments.llm_engine import engine_apps
 from deployments.isolation_metrics import IsolationMetrics
+from deployments.llm_engine import engine_apps
 from deployments.logs import configure_logging
 from deployments.mcp import build_mcp_app
 from deployments.metrics import ApiMetrics, install_metrics
@@ -75,9 +75,9 @@ def create_api(
         app.state.services = services
         metrics.set_sandbox_counter(services.sandboxes.count_by_state)
         metrics.set_node_counter(partial(remote.node_load, services.sandboxes.settings))
+        IsolationMetrics(metrics, services.sandboxes)
         services.sandboxes.exec_observer = metrics.observe_exec
         upkeep = Upkeep(services, merged_env)
-        IsolationMetrics(metrics, services.sandboxes)
         upkeep.start()
         # The MCP app needs the services, so it joins the routes here, before any request.
         # A Route, not a Mount: a Mount would redirect /mcp to /mcp/.

@@ -192,26 +192,26 @@ class ApiMetrics:
         """Report each sandbox node's load and capacity at each scrape with `counter`."""
         self._node_counter = counter
 
-    async def render(self) -> tuple[bytes, str]:
-        """The exposition body and its content type, sandbox counts refreshed first."""
-        await self._refresh_sandboxes()
-        await self._refresh_nodes()
-        # No await between the refresh and here: a concurrent scrape cannot interleave.
-        return generate_latest(self.registry), CONTENT_TYPE
-
-    async def _refresh_sandboxes(self) -> None:
-        if self._sandbox_counter is None:
     def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
         """Run `refresh` (it sets gauges of its own in `registry`) before each scrape; it must
         not raise (deployments/isolation_metrics.py is one)."""
         self._refreshers.append(refresh)
 
+    async def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type, sandbox counts refreshed first."""
+        await self._refresh_sandboxes()
+        await self._refresh_nodes()
+        for refresh in self._refreshers:
+            await refresh()
+        # No await between the refresh and here: a concurrent scrape cannot interleave.
+        return generate_latest(self.registry), CONTENT_TYPE
+
+    async def _refresh_sandboxes(self) -> None:
+        if self._sandbox_counter is None:
             return
         try:
             counts = await self._count_sandboxes(self._sandbox_counter)
         except Exception:
-        for refresh in self._refreshers:
-            await refresh()
             # A failing database must not hide the other metrics; a stale count would mislead.
             log.warning("counting sandboxes for /metrics failed", exc_info=True)
             self._count_failures.inc()

@@ -211,11 +211,11 @@ class SandboxManager(SandboxOps):
             last_active_at=now,
             stopped_at=None,
             failure=None,
+            isolation=info.isolation.as_dict() if info.isolation else None,  # the actor's word
         )
         self.live[row.id] = Live(row.namespace_id, actor)
         await self._audit(principal, "sandbox.start", row, {"node_id": info.node_id})
         return row
-            isolation=info.isolation.as_dict() if info.isolation else None,  # the actor's word
 
     async def stop(
         self, principal: Principal, sandbox_id: str, reason: str = "requested"

@@ -223,13 +223,13 @@ class WebhookReceived(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+    isolation: dict[str, IsolationOut] = Field(
+        default_factory=dict, description="/readyz: what each sandbox node's sandboxes get."
+    )
 
 
 class ErrorBody(BaseModel):
     code: str = Field(examples=["sandbox_not_found"])
-    isolation: dict[str, IsolationOut] = Field(
-        default_factory=dict, description="/readyz: what each sandbox node's sandboxes get."
-    )
     message: str
     request_id: str
     details: list[dict[str, object]] | None = Field(

@@ -90,13 +90,13 @@ class SandboxRow(NamespaceOwned, Base):
     # bound to this row's id). No foreign key: keys are revoked, never deleted.
     api_key_id: Mapped[str | None] = mapped_column(Id)
     sealed_api_key: Mapped[str | None] = mapped_column(Text)
+    # What the actor that ran it reported: backend, guarantees, degraded (None: never started).
+    isolation: Mapped[dict[str, Any] | None]
 
 
 class ExecutionRow(NamespaceOwned, Base):
     __tablename__ = "executions"
     __table_args__ = (
-    # What the actor that ran it reported: backend, guarantees, degraded (None: never started).
-    isolation: Mapped[dict[str, Any] | None]
         # An execution always belongs to its sandbox's namespace.
         ForeignKeyConstraint(
             ["sandbox_id", "namespace_id"], ["sandboxes.id", "sandboxes.namespace_id"]
