@@ -24,8 +24,8 @@ MAX_BACKOFF_S = 300.0
 
 @dataclass
 class OutboxDispatcher:
-    """At-least-once delivery; receivers make it exactly-once by the event id header, which
-    `webhooks.verify` turns into a replay refusal that a receiver answers with 2xx."""
+    """At-least-once delivery; receivers make it exactly-once by the signed `webhook-id`
+    header: an id seen before is a replay, which a receiver acknowledges with 2xx."""
 
     db: Database
     url: str

@@ -17,6 +17,7 @@ from cave.db.models import (
     SandboxRow,
     SigningKeyRow,
     UsageEventRow,
+    WebhookIdRow,
 )
 from cave.db.scoping import Scope, scope_of
 from cave.db.settings import DatabaseSettings, load_database_settings
@@ -40,6 +41,7 @@ __all__ = [
     "Scope",
     "SigningKeyRow",
     "UsageEventRow",
+    "WebhookIdRow",
     "head_revision",
     "load_database_settings",
     "new_id",

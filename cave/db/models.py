@@ -57,6 +57,11 @@ class NamespaceRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # The node pool (Ray node label `cave.pool`) its sandboxes go to; None: the default pool.
     pool: Mapped[str | None] = mapped_column(Text, default=None)
+    # An admin's quota overrides (deployments/quotas.py); None: the server's default.
+    quota_sandboxes: Mapped[int | None] = mapped_column(default=None)
+    quota_memory_mb: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    quota_cpu: Mapped[float | None] = mapped_column(Float, default=None)
+    quota_concurrent_execs: Mapped[int | None] = mapped_column(default=None)
 
 
 class SandboxRow(NamespaceOwned, Base):
@@ -144,6 +149,9 @@ class ApiKeyRow(NamespaceOwned, Base):
     last_used_at: Mapped[datetime | None]
     rotated_from_id: Mapped[str | None] = mapped_column(Id, ForeignKey("api_keys.id"))
     grace_until: Mapped[datetime | None]
+    # A sandbox's own key acts on that sandbox only; revoked when it stops. No foreign key,
+    # like SandboxRow.api_key_id: sandboxes are marked deleted, never removed.
+    sandbox_id: Mapped[str | None] = mapped_column(Id, index=True)
 
 
 class KeyRotationEventRow(NamespaceOwned, Base):
@@ -267,6 +275,16 @@ class UsageEventRow(NamespaceOwned, Base):
     duration_ms: Mapped[int]
     served_by: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookIdRow(Base):
+    """A webhook event id received: until `seen_until` the same id is a replay. Shared by every
+    replica through the database; the admin's alone (RLS on PostgreSQL)."""
+
+    __tablename__ = "webhook_ids"
+
+    event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    seen_until: Mapped[datetime] = mapped_column(index=True)
 
 
 class SigningKeyRow(Base):

@@ -34,7 +34,7 @@ MAINTENANCE_DSN = os.environ.get("CAVE_TEST_PG_DSN", "postgresql://postgres@127.
 TABLES = (
     "usage_events, model_access_tokens, model_access_requests, audit_events, outbox, "
     "key_rotation_events, api_keys, executions, sandboxes, namespaces, signing_keys, "
-    "registered_models"
+    "registered_models, webhook_ids"
 )
 
 _T = TypeVar("_T")
