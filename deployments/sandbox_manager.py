@@ -18,9 +18,9 @@ from actors import remote
 from actors.placement import DEFAULT_POOL, POOL_LABEL
 from cave.audit.event import AuditEvent, Outcome
 from cave.audit.trail import AuditTrail
+from cave.auth import api_keys
 from cave.auth.keys import ForbiddenError, KeyService, Principal
-from cave.auth.sandbox_keys import SANDBOX_SCOPES
-from cave.auth.sealing import seal
+from cave.auth.sandbox_keys import add_sandbox_key, renew_sandbox_key
 from cave.db import Database, NamespaceRow, SandboxRow, new_id, utcnow
 from cave.errors import (
     CaveError,
@@ -153,9 +153,6 @@ class SandboxManager(SandboxOps):
     ) -> tuple[SandboxRow, str]:
         """The record and the sandbox's own key, sealed onto it: one transaction, both or none."""
         async with self.db.namespace_session(namespace) as session:
-            key, plaintext = self.keys.add_key(
-                session, "namespace", namespace, SANDBOX_SCOPES, name=f"sandbox {sandbox_id}"
-            )
             row = SandboxRow(
                 id=sandbox_id,
                 namespace_id=namespace,
@@ -165,21 +162,28 @@ class SandboxManager(SandboxOps):
                 labels=dict(request.labels),
                 ttl_s=request.ttl_s,
                 idle_timeout_s=request.idle_timeout_s,
-                api_key_id=key.id,
-                sealed_api_key=seal(self.keys.settings.secret_key, plaintext, context=sandbox_id),
             )
+            key, plaintext = add_sandbox_key(self.keys, session, row, principal.expires_at)
             session.add(row)
         await self.keys.record_created(key, principal.key_id)
         return row, plaintext
 
-    async def start(self, principal: Principal, sandbox_id: str) -> SandboxOut:
+    async def start(self, principal: Principal, sandbox_id: str) -> CreatedSandboxOut:
+        """Start it; a sandbox whose stop revoked its key gets a new one, shown in `api_key`."""
         principal.require("sandboxes:write")
         row = await self._load(principal, sandbox_id)
         if row.state in ("running", "starting"):
-            return sandbox_out(row)  # starting twice is not an error
+            return CreatedSandboxOut(**sandbox_out(row).model_dump())  # twice is not an error
         if row.state not in _STARTABLE:
             raise_state(row, "start")
-        return sandbox_out(await self._start(principal, row))
+        out = sandbox_out(row := await self._start(principal, row))
+        key = None
+        if row.state == "running":  # this request started it (not a concurrent one)
+            key = await renew_sandbox_key(
+                self.keys, row.id, row.namespace_id, principal.key_id, principal.expires_at
+            )
+        masked = api_keys.mask(key) if key else out.api_key_masked
+        return CreatedSandboxOut(**{**out.model_dump(), "api_key_masked": masked}, api_key=key)
 
     async def _start(
         self, principal: Principal, row: SandboxRow, node: str | None = None
@@ -236,6 +240,7 @@ class SandboxManager(SandboxOps):
             await remote.stop(row.id, live.actor if live else None)
         self.active.pop(row.id, None)
         row = await self._set(row.id, state="stopped", stopped_at=utcnow(), expires_at=None)
+        await self.keys.revoke_sandbox_keys(row.id, principal.key_id)  # a new one on start
         await self._audit(principal, "sandbox.stop", row, {"reason": reason})
         return row
 
@@ -256,14 +261,13 @@ class SandboxManager(SandboxOps):
             raise_state(row, "delete")
         if not await self._transition(row.id, _DELETABLE, "deleted"):
             return  # a concurrent delete won: it revokes and audits, once
-        if row.api_key_id is not None:
-            await self.keys.revoke(row.api_key_id, actor=principal.key_id)
+        await self.keys.revoke_sandbox_keys(row.id, principal.key_id)  # one never started too
         await self._audit(principal, "sandbox.delete", row, {})
 
     # -- read --------------------------------------------------------------------------------
 
     async def get(self, principal: Principal, sandbox_id: str) -> SandboxOut:
-        principal.require("sandboxes:read")
+        principal.require("sandboxes:read", sandbox_id)  # a sandbox's own key may read it
         return sandbox_out(await self._load(principal, sandbox_id))
 
     async def list(

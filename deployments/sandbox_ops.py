@@ -61,7 +61,7 @@ class SandboxOps:
         return row
 
     async def _resolve(self, principal: Principal, sandbox_id: str, scope: str) -> Live:
-        principal.require(scope)
+        principal.require(scope, sandbox_id)  # a sandbox's own key: this sandbox only
         live = self.live.get(sandbox_id)
         if live is not None:
             if principal.is_admin or principal.namespace_id == live.namespace_id:

@@ -127,4 +127,5 @@ async def _mark_lost(manager: SandboxManager, sandbox_id: str, state: str) -> No
         )
     if result.rowcount == 1:  # type: ignore[attr-defined]
         manager.live.pop(sandbox_id, None)
+        await manager.keys.revoke_sandbox_keys(sandbox_id)  # a new one if it is started again
         log.warning("sandbox %s is lost: its actor is gone", sandbox_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from cave.audit.trail import AuditTrail
 from cave.audit.writer import AuditLogWriter, open_audit_log
 from cave.auth.keys import KeyService, Principal
 from cave.auth.settings import AuthSettings, load_auth_settings
-from cave.auth.webhooks import ReplayGuard
 from cave.db import Database, load_database_settings
 from config.settings import Settings, load_settings
 from deployments.bearer import bearer_token
@@ -39,7 +38,6 @@ class Services:
     sandboxes: SandboxManager
     llm: LlmServices
     log_writer: AuditLogWriter | None = None
-    replay_guard: ReplayGuard = field(default_factory=ReplayGuard)
 
     @classmethod
     async def start(

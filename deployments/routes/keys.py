@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from cave.audit.event import AuditEvent
 from cave.auth import webhooks
 from cave.auth.keys import ForbiddenError, KeyInfo, Principal
-from cave.errors import InvalidArgumentError, ServiceUnavailableError
+from cave.errors import InvalidArgumentError, NotFoundError
 from deployments.deps import PrincipalDep, ServicesDep
 from deployments.routes import ERROR_RESPONSES
 from deployments.schemas import (
@@ -35,7 +35,13 @@ async def create_key(
     if namespace is not None:
         await services.sandboxes.ensure_namespace(namespace)
     info, plaintext = await services.keys.create(
-        body.kind, namespace, list(body.scopes), body.name, body.ttl_s, actor=principal.key_id
+        body.kind,
+        namespace,
+        list(body.scopes),
+        body.name,
+        body.ttl_s,
+        actor=principal.key_id,
+        not_after=principal.expires_at,
     )
     return CreatedKeyOut(**_key_out(info).model_dump(), key=plaintext)
 
@@ -55,7 +61,9 @@ async def list_keys(
 @router.delete("/{key_id}", status_code=204, response_class=Response)
 async def revoke_key(key_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
     principal.require("keys:write")
-    await services.keys.revoke(key_id, _own_namespace(principal), actor=principal.key_id)
+    await services.keys.revoke(
+        key_id, _own_namespace(principal), actor=principal.key_id, by=principal
+    )
     return Response(status_code=204)
 
 
@@ -69,27 +77,27 @@ async def rotate_key(
     principal.require("keys:write")
     grace = body.grace_s if body is not None else None
     info, plaintext = await services.keys.rotate(
-        key_id, _own_namespace(principal), grace, actor=principal.key_id
+        key_id, _own_namespace(principal), grace, actor=principal.key_id, by=principal
     )
     return CreatedKeyOut(**_key_out(info).model_dump(), key=plaintext)
 
 
 @router.post("/rotated", response_model=WebhookReceived)
 async def rotation_received(request: Request, services: ServicesDep) -> WebhookReceived:
-    """Receiver of the signed `key.rotated` webhook (see docs/auth.md): drops the rotated key
-    from this replica's cache at once. A replayed event is answered 200 with `duplicate`."""
+    """Receiver of the signed `key.rotated` webhook (Standard Webhooks, see docs/auth.md): drops
+    the rotated key from this replica's cache at once. A replayed event (its id seen by any
+    replica) is answered 200 with `duplicate`. A server without a webhook secret has no
+    receiver: 404."""
     secret = services.auth.webhook_secret
     if secret is None:
-        raise ServiceUnavailableError("CAVE_ROTATION_WEBHOOK_SECRET is not set on this server")
+        raise NotFoundError("no webhook receiver here: CAVE_ROTATION_WEBHOOK_SECRET is not set")
     body = await request.body()
     if len(body) > MAX_WEBHOOK_BYTES:
         raise InvalidArgumentError(f"a webhook body may be at most {MAX_WEBHOOK_BYTES} bytes")
-    try:
-        verified = webhooks.verify(request.headers, body, secret, services.replay_guard)
-    except webhooks.WebhookReplayError:
-        event_id = request.headers.get(webhooks.EVENT_ID_HEADER, "")
-        return WebhookReceived(event_id=event_id, topic="key.rotated", duplicate=True)
+    verified = webhooks.verify(request.headers, body, secret)
     payload = _json_object(body)
+    if not await webhooks.first_delivery(services.db, verified):
+        return WebhookReceived(event_id=verified.event_id, topic="key.rotated", duplicate=True)
     services.keys.forget(str(payload.get("key_id", "")))
     await services.audit.record(
         AuditEvent(

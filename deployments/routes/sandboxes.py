@@ -80,10 +80,11 @@ async def delete_sandbox(sandbox_id: str, principal: PrincipalDep, manager: Mana
     return Response(status_code=204)
 
 
-@router.post("/{sandbox_id}/start", response_model=SandboxOut)
+@router.post("/{sandbox_id}/start", response_model=CreatedSandboxOut)
 async def start_sandbox(
     sandbox_id: str, principal: PrincipalDep, manager: ManagerDep
-) -> SandboxOut:
+) -> CreatedSandboxOut:
+    """Start it; a sandbox started again after a stop gets a new key of its own, in `api_key`."""
     return await manager.start(principal, sandbox_id)
 
 
