@@ -167,7 +167,7 @@ NOTABLE_REFUSALS: tuple[tuple[str, str], ...] = (
     ("io_uring_setup", "io_uring: runs syscalls the filter never sees; many kernel CVEs"),
     ("userfaultfd", "stall the kernel on a page fault at will: exploit primitive"),
     ("open_by_handle_at", "open files by handle, bypassing the mount view (shocker escape)"),
-    ("fanotify_init", "filesystem-wide notification: a budget of host root's, not needed"),
+    ("fanotify_init", "filesystem-wide notification: not needed, and a per-user budget"),
     ("fsopen", "new mount API (also fsconfig, fsmount, fspick, move_mount, open_tree)"),
     ("kexec_load", "load a new kernel (also kexec_file_load, init_module, finit_module)"),
     ("kcmp", "compare another process's kernel objects: a probe for exploits"),

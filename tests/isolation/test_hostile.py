@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import fcntl
 import json
 import os
 import platform
@@ -12,12 +14,17 @@ import signal
 import socket
 import subprocess
 import uuid
+from errno import EMFILE
 from pathlib import Path
 
 import pytest
 
+from actors.isolation import launcher
 from actors.isolation.backend import Backend
-from cave.errors import QuotaExceededError
+from actors.isolation.native.build import ensure_exec_helper, is_static
+from actors.isolation.results import ExecResult
+from actors.isolation.stdin_feed import StdinFeed
+from cave.errors import IsolationUnavailableError, QuotaExceededError
 from tests.isolation.conftest import (
     LIMITS,
     TEST_ROOT,
@@ -414,3 +421,239 @@ async def test_no_traces_between_sandboxes_or_after_stop(backend: Backend) -> No
     assert first.id not in Path("/proc/self/mountinfo").read_text()
     assert not first.sandbox_dir.exists()
     assert not (backend.state_dir / "sandboxes" / first.id).exists()
+
+
+# --- the sandbox kernel: cave-exec, user namespace limits, rlimits, /proc (issue 11) ---
+EVIL_SO = r"""
+#include <stdio.h>
+#include <string.h>
+/* Loaded by LD_PRELOAD: note which process loaded it and with what privileges. */
+__attribute__((constructor)) static void mark(void) {
+    FILE *status = fopen("/proc/self/status", "r"), *out = fopen("/tmp/preload-marker", "a");
+    char line[256];
+    if (!status || !out) return;
+    while (fgets(line, sizeof line, status))
+        if (!strncmp(line, "CapEff:", 7) || !strncmp(line, "Seccomp:", 8)) fputs(line, out);
+    fputs("--\n", out);
+    fclose(out);
+    fclose(status);
+}
+"""
+
+
+@async_test
+async def test_ld_preload_never_reaches_cave_exec(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        await sandbox.files.write("evil.c", EVIL_SO.encode())
+        _, err, built = await run(sandbox, "gcc -shared -fPIC -o /tmp/evil.so /workspace/evil.c")
+        assert built.exit_code == 0, err
+        env = {"LD_PRELOAD": "/tmp/evil.so", "LD_LIBRARY_PATH": "/tmp", "GCONV_PATH": "/tmp"}
+        _, err, result = await run(sandbox, ["true"], env=env)
+        assert result.exit_code == 0, err
+        marker, _, _ = await run(sandbox, ["cat", "/tmp/preload-marker"])
+    loads = [block.strip() for block in marker.decode().split("--") if block.strip()]
+    # The command (dynamic `true`) loaded it, once, after every privilege was gone; cave-exec,
+    # which held the sandbox's capabilities, never did.
+    assert loads == ["CapEff:\t0000000000000000\nSeccomp:\t2"]
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+def _ppid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no PPid line for pid {pid}")
+
+
+@async_test
+async def test_cave_exec_is_static_and_runs_with_no_environment(backend: Backend) -> None:
+    assert is_static(backend.exec_helper)
+    assert not is_static(Path("/bin/sh").resolve())  # the check does tell dynamic from static
+    duration = unique_sleep()
+    async with open_sandbox(backend) as sandbox:
+        sleeper = asyncio.ensure_future(
+            run(sandbox, ["sleep", duration], env={"SECRET_TOKEN": "s3cr3t"})
+        )
+        try:
+            await poll_until(
+                lambda: host_pids_with_cmdline(["sleep", duration]) != [],
+                "the sandbox's sleep never appeared on the host",
+            )
+            (pid,) = host_pids_with_cmdline(["sleep", duration])
+            init = _ppid(pid)  # cave-exec as the exec's pid 1, then cave-exec itself
+            helpers = [init, _ppid(init)]
+            assert b"SECRET_TOKEN=s3cr3t" in Path(f"/proc/{pid}/environ").read_bytes()
+            for helper in helpers:
+                assert Path(f"/proc/{helper}/cmdline").read_bytes().startswith(b"cave-exec\0")
+                assert Path(f"/proc/{helper}/environ").read_bytes() == b""
+                assert b"s3cr3t" not in Path(f"/proc/{helper}/cmdline").read_bytes()
+            os.kill(pid, signal.SIGKILL)
+            await sleeper
+        finally:
+            sleeper.cancel()
+
+
+def _fake_compiler(directory: Path, script: str) -> None:
+    directory.mkdir()
+    cc = directory / "cc"
+    cc.write_text(f"#!/bin/sh\n{script}\n")
+    cc.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ('for a; do [ "$a" = -static ] && exit 1; done; exec /usr/bin/gcc "$@"', "statically"),
+        (
+            'args=; for a; do [ "$a" = -static ] || args="$args $a"; done; exec /usr/bin/gcc $args',
+            "produced a dynamic",
+        ),
+    ],
+    ids=["no-static-libc", "links-dynamically"],
+)
+def test_a_cave_exec_that_cannot_be_static_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, message: str
+) -> None:
+    _fake_compiler(tmp_path / "bin", script)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")  # ours is found first
+    with pytest.raises(IsolationUnavailableError, match=message):
+        ensure_exec_helper(tmp_path / "state")
+    assert not list((tmp_path / "state" / "bin").iterdir())  # nothing left to be picked up later
+
+
+INOTIFY_HOG = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fds = []
+while (fd := libc.inotify_init1(0)) >= 0:
+    fds.append(fd)
+print(len(fds), ctypes.get_errno(), flush=True)
+sys.stdin.read()  # hold them until the test is done
+"""
+NS_GET_OWNER_UID = 0xB704
+
+
+def _host_inotify_works() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(0)
+    if fd >= 0:
+        os.close(fd)
+    return fd >= 0
+
+
+def _user_ns_owner(pid: int) -> int:
+    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY)
+    try:
+        uid = ctypes.c_uint32()
+        assert fcntl.ioctl(fd, NS_GET_OWNER_UID, uid) == 0
+        return uid.value
+    finally:
+        os.close(fd)
+
+
+@async_test
+async def test_inotify_exhaustion_stays_inside_the_sandbox(backend: Backend) -> None:
+    async with open_sandbox(backend) as hog, open_sandbox(backend) as neighbour:
+        assert hog._zygote_pid is not None
+        assert _user_ns_owner(hog._zygote_pid) not in (0, backend.sandbox_uid)
+        feed = StdinFeed()
+        checked = False
+        async for item in hog.exec(["python3", "-c", INOTIFY_HOG], stdin=feed):
+            if isinstance(item, ExecResult):
+                assert item.exit_code == 0
+            elif item.stream == "stdout" and not checked:
+                count, err = map(int, item.data.split())
+                assert (count, err) == (launcher.USER_NS_LIMITS["max_inotify_instances"], EMFILE)
+                assert _host_inotify_works(), "the host lost its inotify budget to a sandbox"
+                out, err_b, result = await run(
+                    neighbour,
+                    [
+                        "python3",
+                        "-c",
+                        "import ctypes; print(ctypes.CDLL(None).inotify_init1(0) >= 0)",
+                    ],
+                )
+                assert (out, result.exit_code) == (b"True\n", 0), err_b
+                checked = True
+                feed.close()
+        assert checked
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+FILE_HOG = """
+import os, resource
+print(*resource.getrlimit(resource.RLIMIT_NOFILE), *resource.getrlimit(resource.RLIMIT_CORE))
+for limit, value in ((resource.RLIMIT_NOFILE, 1 << 20), (resource.RLIMIT_CORE, 1 << 30)):
+    try:
+        resource.setrlimit(limit, (value, value))
+        print("raised")
+    except (ValueError, OSError) as exc:
+        print("refused")
+fds = []
+try:
+    while True:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    print(len(fds) < 4096, exc.errno)
+"""
+
+
+@async_test
+async def test_open_files_are_capped_and_no_core_is_dumped(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        out, err, result = await run(sandbox, ["python3", "-c", FILE_HOG])
+        shell, _, _ = await run(sandbox, "ulimit -Sn; ulimit -Hn; ulimit -c")
+        # A crash leaves no core, even when the command asks for one.
+        left, _, crashed = await run(
+            sandbox, "cd /tmp && (ulimit -c unlimited; sh -c 'kill -SEGV $$'); ls -A /tmp"
+        )
+        await assert_still_works(sandbox)
+    assert result.exit_code == 0, err
+    assert out.decode().splitlines() == ["4096 4096 0 0", "refused", "refused", f"True {EMFILE}"]
+    assert shell == b"4096\n4096\n0\n"
+    assert (crashed.exit_code, left) == (0, b"")
+    await assert_host_and_next_sandbox_fine(backend)
+
+
+PROC_PROBE = """
+import errno, os
+for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/kallsyms",
+             "/proc/sched_debug", "/proc/sysrq-trigger"):
+    try:
+        with open(path, "rb") as f:
+            print(path, len(f.read(4096)))
+    except OSError as exc:
+        print(path, errno.errorcode[exc.errno])
+for path in ("/proc/acpi", "/proc/driver"):
+    print(path, os.listdir(path) if os.path.isdir(path) else "absent")
+for path in ("/proc/sys/user/max_inotify_instances", "/proc/sys/kernel/hostname"):
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+        print(path, "written")
+    except OSError as exc:
+        print(path, errno.errorcode[exc.errno])
+print(open("/proc/sys/user/max_inotify_instances").read().strip())
+print(len(open("/proc/meminfo").read()) > 0, len(open("/proc/self/status").read()) > 0)
+"""
+
+
+@async_test
+async def test_proc_hides_the_host(backend: Backend) -> None:
+    async with open_sandbox(backend) as sandbox:
+        out, err, result = await run(sandbox, ["python3", "-c", PROC_PROBE])
+    assert result.exit_code == 0, err
+    lines = dict(line.split(" ", 1) for line in out.decode().splitlines()[:-2])
+    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/kallsyms"):
+        assert lines[path] in ("0", "ENOENT"), (path, lines[path])  # /dev/null over it, or absent
+    for path in ("/proc/sched_debug", "/proc/sysrq-trigger"):
+        assert lines[path] in ("0", "ENOENT", "EACCES"), (path, lines[path])
+    for path in ("/proc/acpi", "/proc/driver"):
+        assert lines[path] in ("[]", "absent"), (path, lines[path])
+    assert lines["/proc/sys/user/max_inotify_instances"] == "EROFS"
+    assert lines["/proc/sys/kernel/hostname"] == "EROFS"
+    assert out.decode().splitlines()[-2:] == [
+        str(launcher.USER_NS_LIMITS["max_inotify_instances"]),
+        "True True",
+    ]
+    await assert_host_and_next_sandbox_fine(backend)
