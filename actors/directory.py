@@ -1,7 +1,8 @@
 """SandboxDirectory: a named Ray actor that places sandboxes and maps their ids to actors and nodes.
 
-It is the one place that counts sandboxes per node, so placement is exact under concurrent
-creates: a create reserves a node here first, the node's warm pool registers the started actor.
+It is the one place that counts sandboxes (and their memory limits) per node, so placement is
+exact under concurrent creates: a create reserves a node here first, the node's warm pool
+registers the started actor.
 It lives on the head node, which a cluster cannot lose without losing everything else too.
 """
 
@@ -15,8 +16,15 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
-from actors.placement import DEFAULT_POOL, SandboxNode, demand_bundles, pick, sandbox_nodes
-from cave.errors import SandboxNotFoundError
+from actors.placement import (
+    DEFAULT_POOL,
+    SandboxNode,
+    demand_bundles,
+    fits_somewhere,
+    pick,
+    sandbox_nodes,
+)
+from cave.errors import CapacityError, SandboxNotFoundError
 
 DIRECTORY_NAME = "cave-directory"
 NODE_TABLE_TTL_S = 0.5  # ray.nodes() is a GCS round trip: placement reuses it this long
@@ -32,6 +40,9 @@ class DirectoryService:
         self._entries: dict[str, tuple[ActorHandle, str]] = {}
         self._reserved: dict[str, tuple[str, float]] = {}  # sandbox id -> (node, deadline)
         self._waiting: dict[str, str] = {}  # sandbox id -> pool, creates waiting for room
+        # sandbox id -> its memory limit in bytes, reserved or registered. Sandboxes restored
+        # after a restart of this actor are not in it (their limits are the pools' to know).
+        self._memory: dict[str, int] = {}
         self._nodes: dict[str, SandboxNode] = {}
         self._alive: set[str] = set()
         self._nodes_at = 0.0
@@ -69,29 +80,51 @@ class DirectoryService:
     # -- placement ---------------------------------------------------------------------------
 
     def reserve(
-        self, sandbox_id: str, pool: str = DEFAULT_POOL, max_per_node: int = 16, wait: bool = False
+        self,
+        sandbox_id: str,
+        pool: str = DEFAULT_POOL,
+        max_per_node: int = 16,
+        wait: bool = False,
+        memory_bytes: int = 0,
+        overcommit: float = 1.0,
     ) -> str | None:
         """A node for this sandbox, held until it registers; None when the pool is full.
-        `wait`: the caller will ask again, so the autoscaler is told about this create."""
+        `wait`: the caller will ask again, so the autoscaler is told about this create.
+        CapacityError when no node of the pool could take its memory even empty."""
         self._refresh_nodes(max_per_node)
         self._expire_reservations()
-        node = pick(self._nodes.values(), self.load(), pool)
+        node = self._pick(pool, memory_bytes, overcommit)
         if node is None:  # before saying "full", look at the cluster as it is now: a node may
             self._refresh_nodes(max_per_node, force=True)  # have joined since the last look
-            node = pick(self._nodes.values(), self.load(), pool)
+            node = self._pick(pool, memory_bytes, overcommit)
+        if node is None and not fits_somewhere(
+            self._nodes.values(), pool, memory_bytes, overcommit
+        ):
+            raise CapacityError(
+                f"a memory limit of {memory_bytes // 2**20} MiB is more than any node of pool "
+                f"{pool!r} takes (its Ray `memory` resource x placement.memory_overcommit "
+                f"{overcommit:g}); ask for less memory",
+                "node_memory",
+            )
         if node is None:
             if wait and self._waiting.get(sandbox_id) != pool:
                 self._waiting[sandbox_id] = pool
                 self._publish_demand()
             return None
         self._reserved[sandbox_id] = (node, time.monotonic() + RESERVATION_TTL_S)
+        self._memory[sandbox_id] = memory_bytes
         if self._waiting.pop(sandbox_id, None) is not None:
             self._publish_demand()
         return node
 
+    def _pick(self, pool: str, memory_bytes: int, overcommit: float) -> str | None:
+        memory = self.memory_load()
+        return pick(self._nodes.values(), self.load(), pool, memory, memory_bytes, overcommit)
+
     def release(self, sandbox_id: str) -> None:
         """Give up a reservation or a wait (the create failed or gave up)."""
-        self._reserved.pop(sandbox_id, None)
+        if self._reserved.pop(sandbox_id, None) is not None:
+            self._memory.pop(sandbox_id, None)
         if self._waiting.pop(sandbox_id, None) is not None:
             self._publish_demand()
 
@@ -100,6 +133,15 @@ class DirectoryService:
         counts = Counter(node for _, node in self._entries.values())
         counts.update(node for node, _ in self._reserved.values())
         return dict(counts)
+
+    def memory_load(self) -> dict[str, int]:
+        """Bytes of memory limits per node, the reserved sandboxes' included."""
+        placed = [(node, sid) for sid, (_, node) in self._entries.items()]
+        placed += [(node, sid) for sid, (node, _) in self._reserved.items()]
+        total: Counter[str] = Counter()
+        for node, sandbox_id in placed:
+            total[node] += self._memory.get(sandbox_id, 0)
+        return dict(total)
 
     def placement(self, max_per_node: int) -> list[tuple[str, str, int, int]]:
         """Each sandbox node's (id, pool, sandboxes placed, capacity), for the metrics."""
@@ -128,6 +170,8 @@ class DirectoryService:
         for sandbox_id, (_, deadline) in list(self._reserved.items()):
             if deadline < now:
                 del self._reserved[sandbox_id]
+                if sandbox_id not in self._entries:
+                    self._memory.pop(sandbox_id, None)
 
     def _publish_demand(self) -> None:
         """Tell the autoscaler how many sandboxes want room: placed ones plus waiting ones.
@@ -165,6 +209,8 @@ class DirectoryService:
 
     def remove(self, sandbox_id: str) -> None:
         self._entries.pop(sandbox_id, None)
+        if sandbox_id not in self._reserved:  # a restart may have reserved it again meanwhile
+            self._memory.pop(sandbox_id, None)
 
     def ids(self) -> list[str]:
         return sorted(self._entries)

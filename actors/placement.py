@@ -4,6 +4,8 @@ A node offers sandboxes when it carries the custom resource `cave_sandbox`; its 
 most sandboxes the node takes. A cluster where no node carries it (a laptop's `ray.init()`) uses
 every alive node, each taking `max_per_node`. The node label `cave.pool` puts a node in a pool;
 a sandbox asks for a pool by name, and one that asks for none goes to nodes of no pool.
+A node also takes sandboxes whose memory limits add up to at most its Ray `memory` resource
+times the overcommit factor (`placement.memory_overcommit`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ class SandboxNode:
     capacity: int
     pool: str = DEFAULT_POOL
     labels: Mapping[str, str] = field(default_factory=dict)
+    memory_bytes: int = 0  # Ray's `memory` resource; 0: unknown, memory is not checked
+
+    def memory_budget(self, overcommit: float) -> float:
+        return self.memory_bytes * overcommit if self.memory_bytes else float("inf")
 
 
 def sandbox_nodes(nodes: Iterable[Mapping[str, Any]], max_per_node: int) -> list[SandboxNode]:
@@ -36,13 +42,22 @@ def sandbox_nodes(nodes: Iterable[Mapping[str, Any]], max_per_node: int) -> list
 
 def _node(entry: Mapping[str, Any], capacity: int) -> SandboxNode:
     labels = dict(entry.get("Labels") or {})
-    return SandboxNode(entry["NodeID"], capacity, labels.get(POOL_LABEL, DEFAULT_POOL), labels)
+    memory = int(entry.get("Resources", {}).get("memory", 0))
+    pool = labels.get(POOL_LABEL, DEFAULT_POOL)
+    return SandboxNode(entry["NodeID"], capacity, pool, labels, memory)
 
 
 def pick(
-    nodes: Iterable[SandboxNode], load: Mapping[str, int], pool: str = DEFAULT_POOL
+    nodes: Iterable[SandboxNode],
+    load: Mapping[str, int],
+    pool: str = DEFAULT_POOL,
+    memory: Mapping[str, int] | None = None,
+    memory_bytes: int = 0,
+    overcommit: float = 1.0,
 ) -> str | None:
     """The least loaded node of the pool with room left, or None when every one is full.
+    Room is a free place (capacity) and, for `memory_bytes`, memory limits not yet placed
+    (`memory`: bytes of limits per node) within the node's budget.
 
     Load is relative to capacity, so that a node twice the size takes twice the sandboxes; ties
     go to the node with fewer sandboxes, then by id, so that equal nodes fill in turn.
@@ -52,10 +67,22 @@ def pick(
         used = load.get(node.node_id, 0)
         if node.pool != pool or used >= node.capacity:
             continue
+        taken = (memory or {}).get(node.node_id, 0)
+        if taken + memory_bytes > node.memory_budget(overcommit):
+            continue
         rank = (used / node.capacity, used, node.node_id)
         if best is None or rank < best:
             best = rank
     return None if best is None else best[2]
+
+
+def fits_somewhere(
+    nodes: Iterable[SandboxNode], pool: str, memory_bytes: int, overcommit: float
+) -> bool:
+    """Whether an empty node of the pool could take a sandbox this big (True for no nodes: one
+    may join)."""
+    budgets = [n.memory_budget(overcommit) for n in nodes if n.pool == pool]
+    return not budgets or memory_bytes <= max(budgets)
 
 
 def demand_bundles(

@@ -64,7 +64,11 @@ async def call(sandbox_id: str, ref: Awaitable[T]) -> T:
 
 
 async def reserve(
-    sandbox_id: str, settings: Settings, pool: str = DEFAULT_POOL, wait_s: float = 0.0
+    sandbox_id: str,
+    settings: Settings,
+    pool: str = DEFAULT_POOL,
+    wait_s: float = 0.0,
+    memory_bytes: int = 0,
 ) -> str:
     """A node with room for this sandbox, held for it until it registers. When the pool is full
     the create fails at once (CapacityError), or with `wait_s` asks again until then while the
@@ -76,7 +80,12 @@ async def reserve(
             node: str | None = await call(
                 sandbox_id,
                 places.reserve.remote(
-                    sandbox_id, pool, settings.placement.max_per_node, wait_s > 0
+                    sandbox_id,
+                    pool,
+                    settings.placement.max_per_node,
+                    wait_s > 0,
+                    memory_bytes,
+                    settings.placement.memory_overcommit,
                 ),
             )
             if node is not None:

@@ -13,7 +13,13 @@ import ray
 
 from actors.isolation.backend import Backend, select_backend
 from actors.isolation.guarantees import Isolation
-from actors.isolation.results import ExecResult, ExecStarted, FileEntry, OutputChunk
+from actors.isolation.results import (
+    ExecResult,
+    ExecStarted,
+    FileEntry,
+    KeptOutput,
+    OutputChunk,
+)
 from actors.isolation.sandbox import Sandbox
 from actors.isolation.stdin_feed import StdinFeed
 from cave.errors import InvalidArgumentError, SandboxError, SandboxStateError
@@ -168,15 +174,18 @@ class SandboxService:
         cwd: str | None = None,
         stdin: bytes | None = None,
         timeout_s: float | None = None,
+        inline_bytes: int | None = None,
     ) -> ExecOutput:
-        """Run to completion in one call: cheaper than the stream when output is not needed live."""
-        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        """Run to completion in one call: cheaper than the stream when output is not needed live.
+        `inline_bytes`: keep at most this much of each stream (the API's inline cap), here, so
+        that the rest never crosses Ray; the result says `truncated` then."""
+        kept = KeptOutput(inline_bytes)
         async for item in self._sandbox.exec(
             command_argv(command), env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s
         ):
             if isinstance(item, ExecResult):
-                return ExecOutput(b"".join(out["stdout"]), b"".join(out["stderr"]), item)
-            out[item.stream].append(item.data)
+                return ExecOutput(*kept.finish(item))
+            kept.add(item)
         raise SandboxError("the exec ended without a result")
 
     async def write_file(self, path: str, data: bytes) -> int:

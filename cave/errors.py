@@ -84,7 +84,23 @@ class SandboxStateError(ConflictError):
 
 
 class QuotaExceededError(CaveError):
+    """A namespace is at one of its quotas (`quota` names it: sandboxes, memory_mb, cpu,
+    concurrent_execs), or the cluster is full; retry after `retry_after_s`."""
+
     code = "quota_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        quota: str = "",
+        limit: float | None = None,
+        used: float | None = None,
+        retry_after_s: float = 5.0,
+    ) -> None:
+        super().__init__(message)
+        self.args = (message, quota, limit, used, retry_after_s)  # pickles as cls(*args)
+        self.quota, self.limit, self.used = quota, limit, used
+        self.retry_after_s = retry_after_s
 
 
 class CapacityError(QuotaExceededError):

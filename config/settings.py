@@ -121,6 +121,21 @@ class PlacementSettings(BaseModel, frozen=True, extra="forbid"):
     max_wait_s: float = Field(ge=0, le=3600)
     # Pools only an admin key may place sandboxes in (node label `cave.pool`).
     restricted_pools: tuple[str, ...] = ("trusted",)
+    # A node takes sandboxes whose memory limits add up to at most its Ray `memory` resource
+    # times this: limits are ceilings that most sandboxes never reach (docs/placement.md).
+    memory_overcommit: float = Field(2.0, gt=0, le=100)
+
+
+class QuotaSettings(BaseModel, frozen=True, extra="forbid"):
+    """Per-namespace defaults (an admin overrides them per namespace), see docs/sandboxes.md."""
+
+    sandboxes: int = Field(32, ge=0)  # sandboxes created and not yet stopped
+    memory_mb: int = Field(32768, ge=0)  # their memory limits added up
+    cpu: float = Field(32.0, ge=0, allow_inf_nan=False)  # their CPU limits added up
+    concurrent_execs: int = Field(64, ge=0)  # execs running at once, counted by each replica
+    # A sandbox created without ttl_s / idle_timeout_s gets these; 0: none.
+    default_ttl_s: float = Field(3600.0, ge=0, le=30 * 86400)
+    default_idle_timeout_s: float = Field(900.0, ge=0, le=30 * 86400)
 
 
 class _AboveMaximumError(ValueError):
@@ -139,6 +154,7 @@ class Settings(BaseModel, frozen=True, extra="forbid"):
     isolation: IsolationSettings
     pool: PoolSettings
     placement: PlacementSettings
+    quotas: QuotaSettings = QuotaSettings()
 
     @model_validator(mode="after")
     def _defaults_within_maximum(self) -> Self:
@@ -180,6 +196,16 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError("expected a non-negative number")
+    return value
+
+
 def _backend(raw: str) -> str:
     return parse_choice(raw, get_args(Backend))
 
@@ -212,6 +238,13 @@ ENV_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "CAVE_POOL_SIZE": ("pool", "size_per_node", _non_negative_int),
     "CAVE_MAX_SANDBOXES_PER_NODE": ("placement", "max_per_node", _positive_int),
     "CAVE_PLACEMENT_MAX_WAIT_S": ("placement", "max_wait_s", _positive_float),
+    "CAVE_MEMORY_OVERCOMMIT": ("placement", "memory_overcommit", _positive_float),
+    "CAVE_QUOTA_SANDBOXES": ("quotas", "sandboxes", _non_negative_int),
+    "CAVE_QUOTA_MEMORY_MB": ("quotas", "memory_mb", _non_negative_int),
+    "CAVE_QUOTA_CPU": ("quotas", "cpu", _non_negative_float),
+    "CAVE_QUOTA_CONCURRENT_EXECS": ("quotas", "concurrent_execs", _non_negative_int),
+    "CAVE_DEFAULT_TTL_S": ("quotas", "default_ttl_s", _non_negative_float),
+    "CAVE_DEFAULT_IDLE_TIMEOUT_S": ("quotas", "default_idle_timeout_s", _non_negative_float),
 }
 
 # (section, key) -> (variable, raw value) for every setting taken from the environment

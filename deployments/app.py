@@ -18,6 +18,7 @@ from starlette.routing import Route
 from actors import remote
 from cave.errors import InvalidArgumentError, ServiceUnavailableError
 from deployments.background import Upkeep
+from deployments.body_limit import BodyLimitMiddleware, load_request_limits
 from deployments.errors import RequestIdMiddleware, install_error_handlers
 from deployments.isolation_metrics import IsolationMetrics
 from deployments.llm_engine import engine_apps
@@ -68,6 +69,7 @@ def create_api(
     model id -> Serve handle of its ModelEngine deployment."""
     metrics = ApiMetrics()
     merged_env = {**os.environ, **(env or {})}
+    limits = load_request_limits(merged_env)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,11 +79,15 @@ def create_api(
         metrics.set_node_counter(partial(remote.node_load, services.sandboxes.settings))
         IsolationMetrics(metrics, services.sandboxes)
         services.sandboxes.exec_observer = metrics.observe_exec
+        metrics.set_revocation_age(services.llm.revocations.age_s)
+        services.sandboxes.inline_output_bytes = limits.exec_output_bytes
         upkeep = Upkeep(services, merged_env)
         upkeep.start()
         # The MCP app needs the services, so it joins the routes here, before any request.
         # A Route, not a Mount: a Mount would redirect /mcp to /mcp/.
-        mcp_app, mcp_lifespan = build_mcp_app(services.sandboxes, services.authenticate)
+        mcp_app, mcp_lifespan = build_mcp_app(
+            services.sandboxes, services.authenticate, limits.mcp_bytes
+        )
         app.router.routes.append(Route("/mcp", mcp_app))
         try:
             async with mcp_lifespan():
@@ -100,6 +106,8 @@ def create_api(
     app.state.metrics = metrics
     for module in (sandboxes, exec_routes, files, keys, llm, namespaces, health):
         app.include_router(module.router)
+    # Inside the metrics (a 413 is timed and counted), outside routing and authentication.
+    app.add_middleware(BodyLimitMiddleware, limits=limits, on_reject=metrics.count_error)
     install_metrics(app, metrics)
     install_tracing(app, setup_tracing("cave-api", load_sampling_rate(merged_env), env=merged_env))
     app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line has an id

@@ -97,7 +97,12 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
         if status >= 500:
             log.error("request %s failed: %s", request_id_of(request), exc, exc_info=exc)
         return error_response(
-            status, exc.code, exc.message, request_id_of(request), None, _headers_of(exc, status)
+            status,
+            exc.code,
+            exc.message,
+            request_id_of(request),
+            _details_of(exc),
+            _headers_of(exc, status),
         )
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -131,8 +136,15 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
 def _headers_of(error: errors.CaveError, status: int) -> dict[str, str] | None:
     if status == 401:
         return {"WWW-Authenticate": "Bearer"}
-    if isinstance(error, errors.RateLimitedError | errors.RevocationsStaleError):
+    if isinstance(error, errors.QuotaExceededError | errors.RevocationsStaleError):
         return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}  # RFC 9110: seconds
+    return None
+
+
+def _details_of(error: errors.CaveError) -> list[dict[str, Any]] | None:
+    """The quota a refusal hit, its limit and what is in use (a client can show or back off)."""
+    if isinstance(error, errors.QuotaExceededError) and error.quota:
+        return [{"quota": error.quota, "limit": error.limit, "used": error.used}]
     return None
 
 

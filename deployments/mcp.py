@@ -32,24 +32,28 @@ INSTRUCTIONS = (
     "sandbox stops."
 )
 
+MAX_BODY_BYTES = 4 * 1024 * 1024  # the SDK's default; CAVE_API_MAX_MCP_BODY_BYTES changes it
 _principal: ContextVar[Principal | None] = ContextVar("cave_mcp_principal", default=None)
 
 
 def build_mcp_app(
-    manager: SandboxService, authenticate: Authenticate
+    manager: SandboxService, authenticate: Authenticate, max_body_bytes: int = MAX_BODY_BYTES
 ) -> tuple[ASGIApp, Callable[[], AbstractAsyncContextManager[None]]]:
     """The MCP ASGI app and the lifespan that must run around it.
 
     Serve the app at the endpoint path itself (a Starlette `Route`, which answers that path with
     no trailing-slash redirect) or under a `Mount`: it ignores the path. A parent app does not run
     a mounted app's lifespan, so the parent enters `lifespan()` in its own. Stateless with JSON
-    responses: every request stands alone, so any replica can serve any request.
+    responses: every request stands alone, so any replica can serve any request. Bodies over
+    `max_body_bytes` are refused (413); the API's BodyLimitMiddleware applies the same limit
+    first, with the JSON error body, and before the key is checked.
     """
     server = MCPServer("cave", instructions=INSTRUCTIONS, log_level="WARNING")
     register_tools(server, manager, current_principal)
     server.streamable_http_app(
         stateless_http=True,
         json_response=True,
+        max_request_body_size=max_body_bytes,
         # DNS rebinding protection guards servers that trust the browser's network position;
         # every request here must carry a bearer key, which a rebound page does not have.
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -26,14 +27,27 @@ from cave.errors import (
     CaveError,
     ConflictError,
     InvalidArgumentError,
+    NotFoundError,
     SandboxNotFoundError,
     SandboxStateError,
 )
 from config.settings import SandboxLimits, Settings, parse_overrides, resolve_limits
+from deployments import quotas
 from deployments.exec_records import ExecRecorder
 from deployments.sandbox_ops import Live, SandboxOps
 from deployments.sandbox_views import decode_cursor, encode_cursor, sandbox_out
-from deployments.schemas import CreatedSandboxOut, CreateSandboxRequest, SandboxOut, SandboxPage
+from deployments.schemas import (
+    CreatedSandboxOut,
+    CreateSandboxRequest,
+    ExecEvent,
+    ExecOut,
+    ExecRequest,
+    NamespaceOut,
+    NamespaceQuotas,
+    NamespaceSettings,
+    SandboxOut,
+    SandboxPage,
+)
 from deployments.tracing import span
 
 DEFAULT_NAMESPACE = "default"
@@ -58,6 +72,7 @@ class SandboxManager(SandboxOps):
         self.settings = settings
         self.keys = keys
         self._namespaces: set[str] = set()  # known to exist: no insert-if-missing per create
+        self.exec_quota = quotas.ExecQuota(db, settings.quotas)
 
     # -- create, start, stop, delete ---------------------------------------------------------
 
@@ -80,7 +95,9 @@ class SandboxManager(SandboxOps):
         sandbox_id = new_id()
         node = None
         if request.start:  # a full cluster refuses before anything is written
-            node = await remote.reserve(sandbox_id, self.settings, pool, request.wait_s)
+            node = await remote.reserve(
+                sandbox_id, self.settings, pool, request.wait_s, limits.memory_bytes
+            )
         try:
             row, plaintext = await self._insert(principal, namespace, request, limits, sandbox_id)
         except BaseException:
@@ -136,6 +153,46 @@ class SandboxManager(SandboxOps):
         await self.audit.record(event)
         return row
 
+    async def update_namespace(
+        self, principal: Principal, namespace: str, body: NamespaceSettings
+    ) -> NamespaceOut:
+        """Change what the body names (pool, quotas); what it leaves out stays as it is."""
+        if not principal.is_admin:
+            raise ForbiddenError("only an admin key may change a namespace")
+        if "pool" in body.model_fields_set:
+            await self.set_namespace_pool(principal, namespace, body.pool)
+        await self.ensure_namespace(namespace)
+        if "quotas" in body.model_fields_set:
+            await self._set_quotas(principal, namespace, body.quotas or NamespaceQuotas())
+        return await self.namespace(principal, namespace)
+
+    async def _set_quotas(
+        self, principal: Principal, namespace: str, wanted: NamespaceQuotas
+    ) -> None:
+        async with self.db.admin_session() as session:
+            row = await quotas.lock_namespace(session, namespace)
+            if row is None:
+                raise ConflictError(f"namespace {namespace!r} was removed meanwhile")
+            before = quotas.overrides_of(row).model_dump()
+            quotas.set_overrides(row, wanted)
+        self.exec_quota.forget(namespace)
+        details = {"quotas": wanted.model_dump(), "before": before}
+        event = AuditEvent(
+            principal.key_id, "namespace.quotas", namespace, "ok", namespace, details
+        )
+        await self.audit.record(event)
+
+    async def namespace(self, principal: Principal, namespace: str) -> NamespaceOut:
+        """The namespace's pool and quotas, and what its live sandboxes hold now."""
+        if not principal.is_admin:
+            raise ForbiddenError("only an admin key may read a namespace's settings")
+        async with self.db.read_session(None) as session:
+            row = await session.get(NamespaceRow, namespace)
+            if row is None:
+                raise NotFoundError(f"no namespace {namespace!r}")
+            used = await quotas.usage(session, namespace)
+        return quotas.namespace_out(row, self.settings.quotas, used)
+
     async def namespaces(self, principal: Principal) -> list[NamespaceRow]:
         if not principal.is_admin:
             raise ForbiddenError("only an admin key may list namespaces")
@@ -152,7 +209,9 @@ class SandboxManager(SandboxOps):
         sandbox_id: str,
     ) -> tuple[SandboxRow, str]:
         """The record and the sandbox's own key, sealed onto it: one transaction, both or none."""
+        defaults = self.settings.quotas
         async with self.db.namespace_session(namespace) as session:
+            await quotas.admit(session, namespace, limits, defaults)  # refused: nothing written
             row = SandboxRow(
                 id=sandbox_id,
                 namespace_id=namespace,
@@ -160,8 +219,8 @@ class SandboxManager(SandboxOps):
                 state="created",
                 limits=limits.model_dump(),
                 labels=dict(request.labels),
-                ttl_s=request.ttl_s,
-                idle_timeout_s=request.idle_timeout_s,
+                ttl_s=request.ttl_s or defaults.default_ttl_s or None,
+                idle_timeout_s=request.idle_timeout_s or defaults.default_idle_timeout_s or None,
             )
             key, plaintext = add_sandbox_key(self.keys, session, row, principal.expires_at)
             session.add(row)
@@ -190,13 +249,18 @@ class SandboxManager(SandboxOps):
     ) -> SandboxRow:
         """Start it on `node`, reserved for it, or on a node reserved now (CapacityError when
         every node of its pool is full, with the record as it was)."""
+        limits = SandboxLimits.model_validate(row.limits)
         if node is None:
             pool = row.labels.get(POOL_LABEL, DEFAULT_POOL)
-            node = await remote.reserve(row.id, self.settings, pool)
-        if not await self._transition(row.id, _STARTABLE, "starting"):
+            node = await remote.reserve(row.id, self.settings, pool, 0.0, limits.memory_bytes)
+        try:
+            claimed = await self._claim_start(row, limits)
+        except BaseException:
+            await remote.release(row.id)
+            raise
+        if not claimed:
             await remote.release(row.id)
             return await self._load(principal, row.id)  # another request is starting it
-        limits = SandboxLimits.model_validate(row.limits)
         try:
             with span("sandbox.start", sandbox_id=row.id, node_id=node):
                 actor, info = await remote.create(row.id, limits, self.settings, node)
@@ -220,6 +284,45 @@ class SandboxManager(SandboxOps):
         self.live[row.id] = Live(row.namespace_id, actor)
         await self._audit(principal, "sandbox.start", row, {"node_id": info.node_id})
         return row
+
+    async def _claim_start(self, row: SandboxRow, limits: SandboxLimits) -> bool:
+        """Move the record to `starting`, False if another request got there first; a sandbox
+        that was not live (stopped, failed, lost) is admitted against its namespace's quotas
+        first, in the same transaction (see quotas.admit)."""
+        async with self.db.admin_session() as session:
+            await quotas.lock_namespace(session, row.namespace_id)  # before reading the state
+            current = await session.get(SandboxRow, row.id, populate_existing=True)
+            if current is None or current.state not in _STARTABLE:
+                return False
+            if current.state not in quotas.LIVE_STATES:
+                await quotas.admit(session, row.namespace_id, limits, self.settings.quotas)
+            current.state, current.updated_at = "starting", utcnow()
+        return True
+
+    # -- exec: the namespace's concurrent_execs quota ----------------------------------------
+
+    async def run(self, principal: Principal, sandbox_id: str, request: ExecRequest) -> ExecOut:
+        live = await self._resolve(principal, sandbox_id, "sandboxes:write")
+        with await self.exec_quota.slot(live.namespace_id):
+            return await super().run(principal, sandbox_id, request)
+
+    async def exec_stream(
+        self,
+        principal: Principal,
+        sandbox_id: str,
+        request: ExecRequest,
+        interactive: bool = False,
+    ) -> AsyncIterator[ExecEvent]:
+        live = await self._resolve(principal, sandbox_id, "sandboxes:write")
+        with await self.exec_quota.slot(live.namespace_id):
+            async for event in super().exec_stream(principal, sandbox_id, request, interactive):
+                yield event
+
+    async def ensure_running(self, principal: Principal, sandbox_id: str) -> None:
+        """As an exec would fail before it starts, its quota included (a stream answers 429
+        rather than an error event where it can)."""
+        live = await self._resolve(principal, sandbox_id, "sandboxes:write")
+        await self.exec_quota.check(live.namespace_id)
 
     async def stop(
         self, principal: Principal, sandbox_id: str, reason: str = "requested"

@@ -28,6 +28,7 @@ from deployments.tracing import span
 T = TypeVar("T")
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one PUT; bigger files go in pieces (append is a later feature)
 MAX_STDIN_BYTES = 8 * 1024 * 1024
+INLINE_OUTPUT_BYTES = 4 * 1024 * 1024  # per stream of a non-streamed exec; more: the stream
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SandboxOps:
         self.audit = audit
         self.recorder = recorder
         self.exec_observer: Callable[[ExecOutcome, float], None] | None = None  # metrics
+        self.inline_output_bytes = INLINE_OUTPUT_BYTES  # CAVE_API_EXEC_OUTPUT_BYTES
         self.live: dict[str, Live] = {}
         self.active: dict[str, datetime] = {}  # last exec or file call, flushed in batches
         self.busy: dict[str, int] = {}  # calls running now: a sandbox is not idle during one
@@ -123,7 +125,9 @@ class SandboxOps:
                 principal,
                 sandbox_id,
                 "sandboxes:write",
-                lambda actor: remote.run(actor, sandbox_id, argv, **kwargs),
+                lambda actor: remote.run(
+                    actor, sandbox_id, argv, inline_bytes=self.inline_output_bytes, **kwargs
+                ),
             )
         digest = _Digest()
         digest.add("stdout", output.stdout)

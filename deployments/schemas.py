@@ -142,7 +142,11 @@ class ExecOut(BaseModel):
     duration_ms: int
     timed_out: bool
     oom_killed: bool
-    truncated: bool
+    truncated: bool = Field(
+        description="Output was dropped: past the sandbox's `output_bytes`, or, in a "
+        "non-streamed exec, past the API's inline cap per stream (CAVE_API_EXEC_OUTPUT_BYTES, "
+        "4 MiB); a streamed exec returns up to `output_bytes`."
+    )
 
 
 class ExecEvent(BaseModel):
@@ -247,6 +251,36 @@ ExecEvent.model_rebuild()
 PoolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")]
 
 
+class NamespaceQuotas(_Body):
+    """A namespace's quotas; a field null or left out is the server's default (settings
+    [quotas]). 0 refuses every new sandbox (or exec) of the namespace."""
+
+    sandboxes: int | None = Field(
+        None, ge=0, le=1_000_000, description="Sandboxes created and not yet stopped."
+    )
+    memory_mb: int | None = Field(
+        None, ge=0, le=2**40, description="Memory limits of those sandboxes added up, in MiB."
+    )
+    cpu: float | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
+        description="CPU limits of those sandboxes added up.",
+    )
+    concurrent_execs: int | None = Field(
+        None, ge=0, le=1_000_000, description="Execs running at once (counted by each replica)."
+    )
+
+
+class QuotaUsage(BaseModel):
+    """What the namespace's sandboxes created and not yet stopped hold now."""
+
+    sandboxes: int
+    memory_mb: int
+    cpu: float
+
+
 class NamespaceSettings(_Body):
     pool: PoolName | None = Field(
         None,
@@ -255,12 +289,20 @@ class NamespaceSettings(_Body):
         "pool (`trusted`) may place sandboxes there with its own keys.",
         examples=["trusted"],
     )
+    quotas: NamespaceQuotas | None = Field(
+        None,
+        description="Replaces the namespace's quota overrides (a field null or left out: the "
+        "default). A field of this body left out leaves that setting as it is.",
+    )
 
 
 class NamespaceOut(BaseModel):
     name: str
     pool: str | None
     created_at: datetime
+    quotas: NamespaceQuotas = Field(description="The quotas in force (defaults filled in).")
+    overrides: NamespaceQuotas = Field(description="What an admin set; null: the default.")
+    usage: QuotaUsage | None = Field(None, description="Given by GET of one namespace.")
 
 
 class NamespaceList(BaseModel):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select, text
 
@@ -36,7 +38,9 @@ class AuditTrail:
     async def record_many(self, events: Sequence[AuditEvent], rows: Sequence[Base] = ()) -> int:
         """Store the events, and other rows that belong with them (an execution record), in one
         transaction: a whole batch costs one commit. Returns the last event's db seq."""
-        events = [self._scrubbed(e) for e in events] if self.scrub_details else list(events)
+        events = [_storable(e) for e in events]
+        if self.scrub_details:
+            events = [self._scrubbed(e) for e in events]
         async with self.db.admin_session() as session:
             session.add_all(rows)
             if self.db.backend == "postgresql":
@@ -76,3 +80,38 @@ def _row(event: AuditEvent, seq: int) -> AuditEventRow:
         details=dict(event.details),
         ts=datetime.fromisoformat(event.ts),
     )
+
+
+def _storable(event: AuditEvent) -> AuditEvent:
+    """The event with any lone surrogate (how Python carries non-UTF-8 bytes) in its target or
+    details written as its `\\udcff` escape: neither PostgreSQL nor the UTF-8 log takes one, and
+    one such event must not fail the batch it is written with."""
+    target, details = _text(event.target), _json_text(event.details)
+    if target is event.target and details is event.details:
+        return event
+    return dataclasses.replace(event, target=target, details=details)
+
+
+def _text(value: str) -> str:
+    if value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
+
+
+def _json_text(value: Any) -> Any:
+    """`value` itself when nothing in it needs escaping, else a copy with the strings escaped."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, Mapping):
+        pairs = [(_json_text(k), _json_text(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, value.items(), strict=True)):
+            return value
+        return dict(pairs)
+    if isinstance(value, list | tuple):
+        items = [_json_text(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value

@@ -1,4 +1,4 @@
-"""Namespace administration: which node pool a namespace's sandboxes go to (admin keys only)."""
+"""Namespace administration (admin keys only): a namespace's node pool and quotas."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from cave.db import NamespaceRow
 from deployments.deps import PrincipalDep, ServicesDep
+from deployments.quotas import namespace_out
 from deployments.routes import ERROR_RESPONSES
 from deployments.schemas import (
     NAMESPACE_PATTERN,
@@ -24,7 +24,18 @@ router = APIRouter(
 @router.get("", response_model=NamespaceList)
 async def list_namespaces(principal: PrincipalDep, services: ServicesDep) -> NamespaceList:
     rows = await services.sandboxes.namespaces(principal)
-    return NamespaceList(items=[_out(row) for row in rows])
+    defaults = services.settings.quotas
+    return NamespaceList(items=[namespace_out(row, defaults) for row in rows])
+
+
+@router.get("/{namespace}", response_model=NamespaceOut)
+async def get_namespace(
+    namespace: Annotated[str, Path(pattern=NAMESPACE_PATTERN)],
+    principal: PrincipalDep,
+    services: ServicesDep,
+) -> NamespaceOut:
+    """Its pool, its quotas in force, and what its live sandboxes hold now."""
+    return await services.sandboxes.namespace(principal, namespace)
 
 
 @router.put("/{namespace}", response_model=NamespaceOut)
@@ -34,11 +45,7 @@ async def update_namespace(
     principal: PrincipalDep,
     services: ServicesDep,
 ) -> NamespaceOut:
-    """Assign the namespace (created if new) to a node pool: its sandboxes that ask for no pool
-    go there, and it may use that pool even when it is restricted."""
-    row = await services.sandboxes.set_namespace_pool(principal, namespace, body.pool)
-    return _out(row)
-
-
-def _out(row: NamespaceRow) -> NamespaceOut:
-    return NamespaceOut(name=row.name, pool=row.pool, created_at=row.created_at)
+    """Change the namespace (created if new): `pool`, the node pool its sandboxes that ask for
+    none go to (it may use that pool even when it is restricted); `quotas`, its overrides of the
+    server's default quotas. A field left out of the body stays as it is."""
+    return await services.sandboxes.update_namespace(principal, namespace, body)

@@ -1,0 +1,169 @@
+"""Bounded inputs over real HTTP: bodies past their limit are 413 before routing and before the
+key is checked; a non-streamed exec returns at most the inline cap, the stream all of it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from deployments.body_limit import MIB, RequestLimits
+from deployments.sandbox_ops import INLINE_OUTPUT_BYTES
+from tests.api.conftest import ApiServer
+from tests.api.test_errors import assert_error
+from tests.api.test_mcp import call, mcp_session
+
+LIMITS = RequestLimits()  # the session's API runs with the defaults
+BIG = 10 * MIB
+PRINTED = 20 * MIB  # what the exec tests print: far past the inline cap, under output_bytes
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def unauthenticated(server: ApiServer) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=120.0)
+
+
+def pieces(total: int, size: int = 256 * 1024) -> Iterator[bytes]:
+    """A body sent chunked (no Content-Length): the server sees its size only by counting."""
+    for _ in range(total // size):
+        yield b" " * size
+
+
+@pytest.fixture(scope="module")
+def loud_sandbox(api_server: ApiServer) -> Iterator[str]:
+    """A sandbox that keeps 64 MiB of output per stream, so the inline cap is what cuts."""
+    with api_server.client() as client:
+        created = client.post(
+            "/api/v1/sandboxes", json={"name": "limits", "limits": {"output_bytes": 64 * MIB}}
+        )
+        assert created.status_code == 201, created.text
+        sid = str(created.json()["id"])
+        yield sid
+        client.delete(f"/api/v1/sandboxes/{sid}")
+
+
+def test_an_unauthenticated_large_body_is_413_before_the_key_is_checked(
+    api_server: ApiServer,
+) -> None:
+    with unauthenticated(api_server) as client:
+        # The same request with a small body is refused for its missing key: the 413 came first.
+        assert_error(client.post("/api/v1/sandboxes", json={"name": "x"}), 401)
+        declared = client.post(
+            "/api/v1/sandboxes",
+            content=b"{" + b" " * BIG + b"}",
+            headers={"content-type": "application/json"},
+        )
+        error = assert_error(declared, 413, "payload_too_large")
+        assert str(LIMITS.json_bytes) in error["message"]
+        chunked = client.post(
+            "/api/v1/sandboxes/any/exec",
+            content=pieces(BIG),
+            headers={"content-type": "application/json"},
+        )
+        assert_error(chunked, 413, "payload_too_large")
+        webhook = client.post("/api/v1/auth/keys/rotated", content=pieces(BIG))
+        assert_error(webhook, 413, "payload_too_large")
+        # Unknown routes too: the limit holds before routing.
+        assert_error(client.post("/nowhere", content=pieces(BIG)), 413, "payload_too_large")
+
+
+def test_an_authenticated_json_body_over_the_limit_is_413(
+    api_server: ApiServer, loud_sandbox: str
+) -> None:
+    with api_server.client() as client:
+        too_big = client.post(
+            f"/api/v1/sandboxes/{loud_sandbox}/exec",
+            json={"command": "cat", "stdin": "x" * (LIMITS.json_bytes + 1)},
+        )
+        assert_error(too_big, 413, "payload_too_large")
+        ran = client.post(
+            f"/api/v1/sandboxes/{loud_sandbox}/exec",
+            json={"command": "wc -c", "stdin": "x" * (LIMITS.json_bytes // 2)},
+        )
+        assert ran.status_code == 200, ran.text
+        assert ran.json()["stdout"].strip() == str(LIMITS.json_bytes // 2)
+
+
+def test_a_file_upload_streams_up_to_its_own_limit(
+    api_server: ApiServer, loud_sandbox: str
+) -> None:
+    url = f"/api/v1/sandboxes/{loud_sandbox}/files/upload.bin"
+    data = bytes(range(256)) * (8 * MIB // 256)  # past the JSON limit, under the file limit
+    with api_server.client() as client:
+        written = client.put(url, content=iter([data[: 4 * MIB], data[4 * MIB :]]))
+        assert written.status_code == 200, written.text
+        assert written.json()["size"] == len(data)
+        assert client.get(url).content == data
+    with unauthenticated(api_server) as client:
+        over = client.put(url, content=b"\0" * (LIMITS.file_bytes + 1))
+        assert_error(over, 413, "payload_too_large")
+    with api_server.client() as client:
+        assert client.get(url).content == data  # the refused upload changed nothing
+
+
+def test_an_mcp_body_over_its_limit_is_413_json(api_server: ApiServer) -> None:
+    message = {"jsonrpc": "2.0", "id": 1, "method": "ping", "pad": "x" * LIMITS.mcp_bytes}
+    with unauthenticated(api_server) as client:
+        refused = client.post(
+            "/mcp",
+            content=json.dumps(message).encode(),
+            headers={"content-type": "application/json", "accept": "application/json"},
+        )
+        assert_error(refused, 413, "payload_too_large")
+
+
+def test_a_non_streamed_exec_returns_at_most_the_inline_cap(
+    api_server: ApiServer, loud_sandbox: str
+) -> None:
+    command = f"yes abcdefg | head -c {PRINTED}; yes e >&2 | head -c {PRINTED} >&2"
+    with api_server.client() as client:
+        ran = client.post(f"/api/v1/sandboxes/{loud_sandbox}/exec", json={"command": command})
+    assert ran.status_code == 200, ran.text
+    body = ran.json()
+    assert body["truncated"] is True and body["exit_code"] == 0
+    assert len(body["stdout"]) == INLINE_OUTPUT_BYTES == LIMITS.exec_output_bytes
+    assert body["stdout"] == ("abcdefg\n" * (INLINE_OUTPUT_BYTES // 8 + 1))[:INLINE_OUTPUT_BYTES]
+    assert len(body["stderr"]) == INLINE_OUTPUT_BYTES
+    assert len(ran.content) < 2 * INLINE_OUTPUT_BYTES + 4096
+
+
+def test_the_stream_still_returns_all_of_it(api_server: ApiServer, loud_sandbox: str) -> None:
+    printed = {"stdout": 0, "stderr": 0}
+    result = None
+    with (
+        api_server.client() as client,
+        client.stream(
+            "POST",
+            f"/api/v1/sandboxes/{loud_sandbox}/exec",
+            json={"command": f"yes abcdefg | head -c {PRINTED}"},
+            headers={"accept": "application/x-ndjson"},
+        ) as streamed,
+    ):
+        assert streamed.status_code == 200
+        for line in streamed.iter_lines():
+            event = json.loads(line)
+            if event["type"] in printed:
+                printed[event["type"]] += len(event["data"])
+            elif event["type"] == "result":
+                result = event["result"]
+    assert printed == {"stdout": PRINTED, "stderr": 0}
+    assert result is not None and result["truncated"] is False
+
+
+@pytest.mark.anyio
+async def test_the_mcp_exec_tool_has_the_same_cap(api_server: ApiServer, loud_sandbox: str) -> None:
+    async with mcp_session(api_server, api_server.admin_key) as session:
+        out = await call(
+            session,
+            "run_command",
+            sandbox_id=loud_sandbox,
+            command=f"yes abcdefg | head -c {PRINTED}",
+        )
+    assert out["truncated"] is True
+    assert len(out["stdout"]) == INLINE_OUTPUT_BYTES
