@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from cave.auth import api_keys
-from cave.auth.keys import ForbiddenError, KeyService
+from cave.auth.keys import ForbiddenError, KeyInfo, KeyService, Principal
 from cave.auth.settings import AuthSettings
 from cave.db import ApiKeyRow, Database, KeyRotationEventRow, NamespaceRow, OutboxRow
 from cave.errors import AuthError, ConflictError, InvalidArgumentError, NotFoundError
@@ -176,3 +176,99 @@ async def test_a_namespace_rotates_its_own_key_but_not_another_namespaces(
     async with db.admin_session() as session:
         outbox = (await session.scalars(select(OutboxRow))).all()
     assert [o.payload["key_id"] for o in outbox] == [own.id]
+
+
+def _principal(info: KeyInfo) -> Principal:
+    return Principal(info.id, info.kind, info.namespace_id, frozenset(info.scopes))
+
+
+async def _state(db: Database, key_id: str) -> tuple[object, object]:
+    async with db.admin_session() as session:
+        row = await session.get(ApiKeyRow, key_id)
+    assert row is not None
+    return row.revoked_at, row.grace_until
+
+
+async def test_a_key_acts_only_on_keys_whose_every_scope_it_holds(
+    keys: KeyService, db: Database
+) -> None:
+    attacker, _ = await keys.create("namespace", "ns-a", ["keys:write"])
+    victim, victim_plain = await keys.create("namespace", "ns-a", ["sandboxes:write"])
+    by = _principal(attacker)
+    with pytest.raises(ForbiddenError, match="sandboxes:write"):
+        await keys.rotate(victim.id, "ns-a", by=by)
+    with pytest.raises(ForbiddenError, match="sandboxes:write"):
+        await keys.revoke(victim.id, "ns-a", by=by)
+    assert await _state(db, victim.id) == (None, None)  # neither revoked nor in a grace
+    assert (await keys.authenticate(victim_plain)).key_id == victim.id
+    async with db.admin_session() as session:
+        assert (await session.scalars(select(OutboxRow))).all() == []  # no rotation announced
+    # Itself, and a key whose scopes it holds, it may rotate and revoke.
+    own, _ = await keys.rotate(attacker.id, "ns-a", by=by)
+    holder, _ = await keys.create("namespace", "ns-a", ["keys:write", "sandboxes:write"])
+    successor, _ = await keys.rotate(victim.id, "ns-a", by=_principal(holder))
+    await keys.revoke(successor.id, "ns-a", by=_principal(holder))
+    assert own.scopes == ("keys:write",)
+
+
+async def test_what_a_key_hands_out_expires_no_later_than_it(keys: KeyService) -> None:
+    parent, _ = await keys.create("namespace", "ns-a", ["keys:write"], ttl_s=3600)
+    assert parent.expires_at is not None
+    limit = parent.expires_at
+    unasked, _ = await keys.create("namespace", "ns-a", [], not_after=limit)
+    longer, _ = await keys.create("namespace", "ns-a", [], ttl_s=7200, not_after=limit)
+    shorter, _ = await keys.create("namespace", "ns-a", [], ttl_s=60, not_after=limit)
+    assert unasked.expires_at == longer.expires_at == limit
+    assert shorter.expires_at is not None and shorter.expires_at < limit
+    forever, _ = await keys.create("namespace", "ns-a", [], not_after=None)
+    assert forever.expires_at is None  # a key without expiry hands out keys without one
+    # A successor made by a shorter-lived key lives no longer than that key either.
+    by = replace(_principal(parent), expires_at=limit)
+    rotated, _ = await keys.rotate(forever.id, "ns-a", by=by)
+    assert rotated.expires_at == limit
+
+
+async def test_revoking_a_key_revokes_every_key_rotated_from_it(
+    keys: KeyService, db: Database
+) -> None:
+    first, first_plain = await keys.create("namespace", "ns-a", ["sandboxes:read"])
+    second, second_plain = await keys.rotate(first.id)
+    third, third_plain = await keys.rotate(second.id)
+    unrelated, unrelated_plain = await keys.create("namespace", "ns-a", ["sandboxes:read"])
+    for plain in (first_plain, second_plain, third_plain):
+        await keys.authenticate(plain)  # cached now: the revocation must drop every entry
+    await keys.revoke(first.id, "ns-a")
+    for plain in (first_plain, second_plain, third_plain):
+        with pytest.raises(AuthError):
+            await keys.authenticate(plain)
+    assert (await keys.authenticate(unrelated_plain)).key_id == unrelated.id
+    revoked = {k.id for k in await keys.list("ns-a") if k.revoked_at is not None}
+    assert revoked == {first.id, second.id, third.id}
+
+
+async def test_the_last_active_admin_key_is_kept(keys: KeyService, db: Database) -> None:
+    first, first_plain = await keys.create("admin", None, [])
+    with pytest.raises(ConflictError, match="last active admin key"):
+        await keys.revoke(first.id)
+    second, _ = await keys.create("admin", None, [])
+    await keys.revoke(first.id)
+    with pytest.raises(ConflictError):
+        await keys.revoke(second.id)
+    # A rotation does not help: revoking the key revokes its successor, the last admin.
+    successor, successor_plain = await keys.rotate(second.id)
+    with pytest.raises(ConflictError):
+        await keys.revoke(second.id)
+    with pytest.raises(ConflictError):
+        await keys.revoke(successor.id)
+    assert (await keys.authenticate(successor_plain)).is_admin
+    assert await _state(db, successor.id) == (None, None)
+
+
+async def test_two_revocations_of_the_last_two_admin_keys_leave_one(
+    keys: KeyService, db: Database
+) -> None:
+    pair = [(await keys.create("admin", None, []))[0] for _ in range(2)]
+    results = await asyncio.gather(*(keys.revoke(k.id) for k in pair), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["ConflictError", "KeyInfo"]
+    active = [k for k in await keys.list() if k.kind == "admin" and k.revoked_at is None]
+    assert len(active) == 1
