@@ -243,3 +243,72 @@ def test_namespace_key_cannot_grant_more_than_it_holds(
     assert {k["namespace"] for k in listed} == {tenant.namespace}
     assert {holder["id"], granted.json()["id"]} <= {k["id"] for k in listed}
     assert all("key" not in k for k in listed)  # lists never show a secret
+
+
+def test_a_sandbox_key_drives_its_sandbox_and_nothing_else(
+    api_server: ApiServer, tenant: Tenant
+) -> None:
+    with api_server.client() as admin:
+        created = admin.post("/api/v1/sandboxes", json={"namespace": tenant.namespace})
+        assert created.status_code == 201, created.text
+    own_id, own_key = created.json()["id"], created.json()["api_key"]
+    sibling = tenant.sandbox_id  # a running sandbox of the same namespace
+    try:
+        with api_server.client(own_key) as client:
+            ran = EXEC.call(client, own_id)
+            assert (ran.status_code, ran.json()["stdout"]) == (200, "hi\n"), ran.text
+            assert client.put(f"/api/v1/sandboxes/{own_id}/files/a.txt", content=b"a").is_success
+            assert client.get(f"/api/v1/sandboxes/{own_id}/files/a.txt").content == b"a"
+            assert client.get(f"/api/v1/sandboxes/{own_id}/files").status_code == 200
+            assert GET.call(client, own_id).json()["id"] == own_id
+            refused = [
+                EXEC.call(client, sibling),
+                READ_FILE.call(client, sibling),
+                WRITE_FILE.call(client, sibling),
+                GET.call(client, sibling),
+                STOP.call(client, sibling),
+                DELETE.call(client, sibling),
+                LIST.call(client, own_id),
+                CREATE.call(client, own_id),
+                STOP.call(client, own_id),  # its own lifecycle is its owner's, not its own
+                DELETE.call(client, own_id),
+                KEYS_LIST.call(client, own_id),
+                KEYS_CREATE.call(client, own_id),
+                client.post(
+                    "/api/v1/llm/requests",
+                    json={"model_id": "tiny", "cave_namespace": tenant.namespace},
+                ),
+            ]
+            for response in refused:
+                assert response.status_code == 403, (response.request.url, response.text)
+                assert error_code(response) == "forbidden"
+        with api_server.client() as admin:
+            assert admin.get(f"/api/v1/sandboxes/{own_id}").json()["state"] == "running"
+            after = admin.get(f"/api/v1/sandboxes/{sibling}").json()
+            assert after["state"] == "running"  # the sibling was neither stopped nor deleted
+            files = admin.get(f"/api/v1/sandboxes/{sibling}/files").json()["entries"]
+            assert "other.txt" not in {entry["name"] for entry in files}
+    finally:
+        with api_server.client() as admin:
+            admin.delete(f"/api/v1/sandboxes/{own_id}")
+
+
+def test_keys_write_alone_cannot_rotate_a_sandboxes_write_key(
+    api_server: ApiServer, tenant: Tenant
+) -> None:
+    attacker = create_key(api_server, tenant.namespace, ["keys:write"])
+    victim = create_key(api_server, tenant.namespace, ["sandboxes:write"])
+    with api_server.client(attacker["key"]) as client:
+        rotated = client.post(f"/api/v1/auth/keys/{victim['id']}/rotate", json={})
+        assert rotated.status_code == 403, rotated.text
+        assert error_code(rotated) == "forbidden" and "key" not in rotated.json()
+        revoked = client.delete(f"/api/v1/auth/keys/{victim['id']}")
+        assert (revoked.status_code, error_code(revoked)) == (403, "forbidden")
+    with api_server.client(victim["key"]) as client:
+        ran = EXEC.call(client, tenant.sandbox_id)  # the victim's key works as before
+        assert (ran.status_code, ran.json()["stdout"]) == (200, "hi\n")
+    with api_server.client() as admin:
+        listed = admin.get("/api/v1/auth/keys", params={"namespace": tenant.namespace}).json()
+    after = next(k for k in listed["items"] if k["id"] == victim["id"])
+    assert (after["revoked_at"], after["grace_until"]) == (None, None)
+    assert not [k for k in listed["items"] if k["rotated_from_id"] == victim["id"]]

@@ -38,6 +38,12 @@ def stop_reasons(api_server: ApiServer, sandbox_id: str) -> list[str]:
     return [str(json.loads(details)["reason"]) for (details,) in rows]
 
 
+def key_refused(api_server: ApiServer, key: str, sandbox_id: str) -> bool:
+    """The sandbox's own key is refused: 401, as for any revoked key."""
+    with api_server.client(key) as own:
+        return own.get(f"/api/v1/sandboxes/{sandbox_id}").status_code == 401
+
+
 def test_ttl_stops_the_sandbox(api_server: ApiServer) -> None:
     with api_server.client() as client:
         created = client.post("/api/v1/sandboxes", json={"name": "ttl", "ttl_s": 1}).json()
@@ -45,6 +51,8 @@ def test_ttl_stops_the_sandbox(api_server: ApiServer) -> None:
         sid = created["id"]
         stopped = state_becomes(client, sid, "stopped")
         assert stopped["stopped_at"] is not None
+        # Expiry revokes its key, just after the state changes: poll for it.
+        poll_until(lambda: key_refused(api_server, created["api_key"], sid), 10, "key revoked")
         ran = client.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": "true"})
         assert ran.status_code == 409
         assert ran.json()["error"]["code"] == "sandbox_state"
@@ -72,12 +80,14 @@ def test_idle_timeout_spares_a_running_exec_then_stops(api_server: ApiServer) ->
 
 def test_killed_actor_makes_the_sandbox_lost(api_server: ApiServer) -> None:
     with api_server.client() as client:
-        sid = client.post("/api/v1/sandboxes", json={"name": "doomed"}).json()["id"]
+        created = client.post("/api/v1/sandboxes", json={"name": "doomed"}).json()
+        sid = created["id"]
         ran = client.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": "echo alive"})
         assert ran.json()["stdout"] == "alive\n"
         ray.kill(get_sandbox(sid).actor)
         lost = state_becomes(client, sid, "lost")
         assert lost["failure"], lost
+        poll_until(lambda: key_refused(api_server, created["api_key"], sid), 10, "key revoked")
         ran = client.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": "true"})
         assert ran.status_code == 409
         assert ran.json()["error"]["code"] == "sandbox_state"
@@ -85,6 +95,8 @@ def test_killed_actor_makes_the_sandbox_lost(api_server: ApiServer) -> None:
         restarted = client.post(f"/api/v1/sandboxes/{sid}/start")
         assert (restarted.status_code, restarted.json()["state"]) == (200, "running")
         assert restarted.json()["failure"] is None
+        with api_server.client(restarted.json()["api_key"]) as own:  # a new key, shown once
+            assert own.get(f"/api/v1/sandboxes/{sid}").status_code == 200
         again = client.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": "echo back"})
         assert again.json()["stdout"] == "back\n"
         assert client.delete(f"/api/v1/sandboxes/{sid}").status_code == 204

@@ -1,4 +1,4 @@
-"""Rotation webhooks through the running API: the outbox is delivered, signed, exactly once."""
+"""Rotation webhooks through the running API: delivered, signed (Standard Webhooks), once."""
 
 from __future__ import annotations
 
@@ -45,8 +45,18 @@ def test_the_receiver_refuses_forgeries_and_answers_replays(api_server: ApiServe
         assert first.status_code == 200 and first.json()["duplicate"] is False
         again = client.post(RECEIVER, content=body, headers=_signed(body, "ev-replay-1"))
         assert again.status_code == 200 and again.json()["duplicate"] is True
-        forged = _signed(body, "ev-forged") | {webhooks.SIGNATURE_HEADER: "t=1,v1=00"}
+        # The replay guard is the database's: every replica sees the id.
+        seen = "SELECT count(*) FROM webhook_ids WHERE event_id = ?"
+        assert query(api_server, seen, "ev-replay-1")[0][0] == 1
+        forged = _signed(body, "ev-forged") | {webhooks.SIGNATURE_HEADER: "v1,AAAA"}
         assert client.post(RECEIVER, content=body, headers=forged).status_code == 401
+        # A replay under a fresh id does not pass the guard: the id is signed with the body.
+        renamed = _signed(body, "ev-replay-1") | {webhooks.ID_HEADER: "ev-replay-2"}
+        refused = client.post(RECEIVER, content=body, headers=renamed)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (
+            401,
+            "bad_webhook_signature",
+        )
         stale = _signed(body, "ev-stale", now=time.time() - 3600)
         refused = client.post(RECEIVER, content=body, headers=stale)
         assert refused.status_code == 401
