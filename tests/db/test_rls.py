@@ -75,6 +75,7 @@ async def test_the_app_role_cannot_bypass_rls(db: Database, target: Target) -> N
         "sandboxes",
         "signing_keys",
         "usage_events",
+        "webhook_ids",
     ]
 
 
