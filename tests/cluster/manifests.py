@@ -107,3 +107,16 @@ def env_of(container: dict) -> dict[str, dict]:
 def serve_config(rayservice: dict) -> dict:
     config: dict = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     return config
+
+
+def load_yaml_all(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def pod_templates(rayservice: dict) -> dict[str, dict]:
+    """Every pod template of the RayService by group: `head` and each worker group's name."""
+    spec = cluster_spec(rayservice)
+    templates = {"head": spec["headGroupSpec"]["template"]}
+    for group in spec.get("workerGroupSpecs", []):
+        templates[group["groupName"]] = group["template"]
+    return templates

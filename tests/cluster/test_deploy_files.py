@@ -24,6 +24,7 @@ from tests.cluster.manifests import (
     group_names,
     head_container,
     load_yaml,
+    load_yaml_all,
     only,
     ray_launcher_schema,
     rayservice_validator,
@@ -102,8 +103,9 @@ def test_launcher_starts_ray_with_the_haproxy_ingress_and_deploys_the_api() -> N
         assert "RAY_SERVE_ENABLE_HA_PROXY=1" in " ".join(commands)
     head = " ".join(config["head_start_ray_commands"])
     assert "serve deploy cluster/deploy/serve.yaml" in head
-    assert "/etc/cave.env" in head  # the DSN and secrets: the head's environment only
-    assert "/etc/cave.env" not in " ".join(config["worker_start_ray_commands"])
+    # The DSN and secrets: files of the head, read by the API (test_deploy_security.py).
+    assert "/etc/cave/secrets" in " ".join(config["head_setup_commands"])
+    assert "/etc/cave/secrets" not in yaml.safe_dump(config["worker_setup_commands"])
 
 
 # --- Serve configs --------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def test_every_rendered_object_validates(
     which: str, default_objects: list[dict], custom_objects: list[dict]
 ) -> None:
     objects = default_objects if which == "default" else custom_objects
-    assert sorted(obj["kind"] for obj in objects) == ["RayService", "Service"]
+    assert sorted(obj["kind"] for obj in objects) == ["NetworkPolicy", "RayService", "Service"]
     for obj in objects:
         if obj["kind"] == "RayService":
             rayservice_validator().validate(obj)
@@ -177,8 +179,8 @@ def test_the_schemas_have_teeth(default_objects: list[dict]) -> None:
 
 
 def test_the_plain_kuberay_manifest_is_the_charts_default(default_objects: list[dict]) -> None:
-    static = load_yaml(DEPLOY / "kuberay" / "rayservice.yaml")
-    assert static == only(default_objects, "RayService")
+    static = load_yaml_all(DEPLOY / "kuberay" / "rayservice.yaml")
+    assert static == [only(default_objects, kind) for kind in ("NetworkPolicy", "RayService")]
 
 
 # --- the Helm chart: values -----------------------------------------------------------------
@@ -197,17 +199,24 @@ def test_defaults_give_head_sandbox_and_gpu_groups(default_objects: list[dict]) 
     assert "cave.pool" not in yaml.safe_dump(rayservice)  # no trusted pool unless asked
 
 
-def test_the_database_dsn_comes_from_its_secret(
+def test_the_database_dsn_comes_from_its_secret_as_a_file(
     default_objects: list[dict], custom_objects: list[dict]
 ) -> None:
     for objects, ref in (
         (default_objects, ("cave-database", "dsn")),
         (custom_objects, ("prod-pg", "url")),
     ):
-        env = env_of(head_container(only(objects, "RayService")))
-        secret = env["BKG_DB_DSN"]["valueFrom"]["secretKeyRef"]
-        assert (secret["name"], secret["key"]) == ref
-        assert "value" not in env["BKG_DB_DSN"]
+        rayservice = only(objects, "RayService")
+        assert "BKG_DB_DSN" not in env_of(head_container(rayservice))
+        volumes = cluster_spec(rayservice)["headGroupSpec"]["template"]["spec"]["volumes"]
+        (projected,) = [v["projected"] for v in volumes if v["name"] == "cave-secrets"]
+        sources = [s["secret"] for s in projected["sources"]]
+        (dsn,) = [
+            (s["name"], i["key"]) for s in sources for i in s["items"] if i["path"] == "db-dsn"
+        ]
+        assert dsn == ref
+        env = serve_config(rayservice)["applications"][0]["args"]["env"]
+        assert env["BKG_DB_DSN_FILE"] == "/etc/cave/secrets/db-dsn"
 
 
 def test_a_dsn_in_plain_values_is_refused(tmp_path: Path) -> None:

@@ -36,6 +36,19 @@ and cluster.ingress.TUNED_ENV. Ports stay at Serve's defaults: a pod has its own
 - {name: RAY_SERVE_HAPROXY_METRICS_ENABLED, value: "0"}
 {{- end -}}
 
+{{/* Ray's token authentication on every Ray container. The operator's authOptions sets the same
+variable and adds RAY_AUTH_TOKEN from its Secret; set here too, an operator that dropped
+authOptions would give no token, and `ray start` refuses token mode without one: the cluster
+does not start rather than start open. */}}
+{{- define "cave.rayAuthEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+{{- end -}}
+
+{{/* Where the API replicas read their secrets (the *_FILE settings); mounted in the head only. */}}
+{{- define "cave.secretsDir" -}}
+/etc/cave/secrets
+{{- end -}}
+
 {{/* Head, GPU and autoscaler containers: no privilege at all. */}}
 {{- define "cave.restrictedContainer" -}}
 allowPrivilegeEscalation: false
@@ -108,7 +121,9 @@ seccompProfile: {{- toYaml $security.seccompProfile | nindent 2 }}
       containers:
         - name: ray-worker
           {{- include "cave.image" (dict "image" $root.Values.image) | nindent 10 }}
-          env: {{- include "cave.ingressEnv" $root | nindent 12 }}
+          env:
+            {{- include "cave.rayAuthEnv" $root | nindent 12 }}
+            {{- include "cave.ingressEnv" $root | nindent 12 }}
           resources: {{- toYaml $group.resources | nindent 12 }}
           securityContext: {{- include "cave.sandboxContainer" $root | nindent 12 }}
           volumeMounts:
