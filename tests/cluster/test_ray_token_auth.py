@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
         _wait_for(lambda: not _group_alive(process.pid))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _group_alive(pgid: int) -> bool:
