@@ -239,3 +239,15 @@ def test_bad_override_is_an_invalid_argument(values: dict[str, object], expected
     with pytest.raises(InvalidArgumentError) as caught:
         parse_overrides(**values)
     assert expected in str(caught.value)
+
+
+def test_production_is_read_from_cave_env() -> None:
+    assert load_settings(env={}).isolation.production is False
+    assert load_settings(env={"CAVE_ENV": "development"}).isolation.production is False
+    assert load_settings(env={"CAVE_ENV": " Production "}).isolation.production is True
+
+
+def test_production_refuses_the_none_backend_at_load() -> None:
+    with pytest.raises(ConfigError, match="CAVE_ISOLATION_BACKEND='none'.*CAVE_ENV=production"):
+        load_settings(env={"CAVE_ENV": "production", "CAVE_ISOLATION_BACKEND": "none"})
+    assert load_settings(env={"CAVE_ISOLATION_BACKEND": "none"}).isolation.backend == "none"
