@@ -128,8 +128,8 @@ def _network_policy_problems(objects: list[dict], rayservice: dict) -> list[str]
     ]
     if "Ingress" not in spec.get("policyTypes", []):
         problems.append("the NetworkPolicy does not restrict ingress")
-    problems += [_rule_problem(rule, dict(selected)) for rule in spec.get("ingress", [])]
-    return [p for p in problems if p]
+    rules = [_rule_problem(rule, dict(selected)) for rule in spec.get("ingress", [])]
+    return problems + [p for p in rules if p]
 
 
 def _rule_problem(rule: dict, own_labels: dict[str, str]) -> str | None:
