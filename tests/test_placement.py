@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors.placement import SandboxNode, demand_bundles, pick, sandbox_nodes
+from actors.placement import SandboxNode, demand_bundles, fits_somewhere, pick, sandbox_nodes
 from cave.errors import ConfigError
 from config.settings import load_settings
 
@@ -89,3 +89,22 @@ def test_placement_settings_come_from_the_file_and_the_environment() -> None:
 def test_bad_placement_settings_are_refused_by_name(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         load_settings(env={variable: value})
+
+
+def test_memory_limits_placed_on_a_node_stay_within_its_budget() -> None:
+    gib = 2**30
+    nodes = [SandboxNode("a", 10, memory_bytes=4 * gib), SandboxNode("b", 10, memory_bytes=2 * gib)]
+    placed = {"a": 7 * gib, "b": 1 * gib}  # overcommit 2: a takes 8 GiB of limits, b 4 GiB
+    assert pick(nodes, {"a": 1, "b": 1}, memory=placed, memory_bytes=gib, overcommit=2) == "a"
+    assert pick(nodes, {}, memory=placed, memory_bytes=2 * gib, overcommit=2) == "b"
+    assert pick(nodes, {}, memory=placed, memory_bytes=4 * gib, overcommit=2) is None
+    assert not fits_somewhere(nodes, "default", 9 * gib, 2)  # bigger than any node, even empty
+    assert fits_somewhere(nodes, "default", 8 * gib, 2) and fits_somewhere([], "default", gib, 2)
+
+
+def test_the_memory_of_a_node_is_its_ray_memory_resource() -> None:
+    node = entry("m", slots=4)
+    node["Resources"]["memory"] = 3.0 * 2**30
+    assert sandbox_nodes([node], 16)[0].memory_bytes == 3 * 2**30
+    unknown = SandboxNode("u", 1)  # no memory resource: memory is not what limits it
+    assert pick([unknown], {}, memory_bytes=2**50) == "u"
