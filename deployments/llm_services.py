@@ -66,7 +66,9 @@ class LlmServices:
     ) -> LlmServices:
         keys = SigningKeys(db, auth.secret_key, settings)
         await keys.current()  # signer and verifier read keys from memory: load them first
-        revocations = RevocationCache(db)
+        revocations = RevocationCache(
+            db, leeway_s=settings.leeway_s, max_age_s=settings.revocation_max_age_s
+        )
         await revocations.refresh()
         peers = _peers(settings)
         verifier = TokenVerifier(keys, revocations, settings, peers.trusted if peers else None)

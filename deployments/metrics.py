@@ -188,6 +188,15 @@ class ApiMetrics:
         """
         self._sandbox_counter = counter
 
+    def set_revocation_age(self, age_s: Callable[[], float]) -> None:
+        """Report the age of the replica's revocation view (`RevocationCache.age_s`) at scrape
+        time: past CAVE_LLM_REVOCATION_MAX_AGE_S the replica refuses model-access keys."""
+        Gauge(
+            "cave_llm_revocation_view_age_seconds",
+            "Seconds since this replica last read the revoked model-access keys (+Inf: never).",
+            registry=self.registry,
+        ).set_function(age_s)
+
     def set_node_counter(self, counter: NodeCounter) -> None:
         """Report each sandbox node's load and capacity at each scrape with `counter`."""
         self._node_counter = counter

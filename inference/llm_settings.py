@@ -12,6 +12,8 @@ DEFAULT_TTL_S = 3600
 DEFAULT_MAX_TTL_S = 30 * 86400
 DEFAULT_LEEWAY_S = 30
 MAX_LEEWAY_S = 600  # past this, "expired" would stop meaning anything
+DEFAULT_REVOCATION_MAX_AGE_S = 5.0  # ten refresh intervals (0.5 s) missed in a row
+MAX_REVOCATION_MAX_AGE_S = 300.0  # longer, and a revoked key could live minutes on a replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +25,8 @@ class LlmSettings:
     token_ttl_s: int = DEFAULT_TTL_S  # CAVE_LLM_TOKEN_TTL_S: lifetime when a request names none
     token_max_ttl_s: int = DEFAULT_MAX_TTL_S  # CAVE_LLM_TOKEN_MAX_TTL_S: longest lifetime allowed
     leeway_s: int = DEFAULT_LEEWAY_S  # CAVE_LLM_LEEWAY_S: clock skew tolerated on exp/nbf/iat
+    # CAVE_LLM_REVOCATION_MAX_AGE_S: a replica whose revocation view is older refuses keys (503)
+    revocation_max_age_s: float = DEFAULT_REVOCATION_MAX_AGE_S
     rpm: int = 0  # CAVE_LLM_RPM: requests per minute per key, all replicas together (0: no limit)
     tpm: int = 0  # CAVE_LLM_TPM: tokens (prompt + completion) per minute per key (0: no limit)
     peers_file: str = ""  # CAVE_PEERS_FILE: the peer clusters' TOML file ("": no peers)
@@ -44,6 +48,7 @@ def load_llm_settings(env: Mapping[str, str] | None = None) -> LlmSettings:
         token_ttl_s=ttl_s,
         token_max_ttl_s=max_ttl_s,
         leeway_s=_seconds(env, "CAVE_LLM_LEEWAY_S", DEFAULT_LEEWAY_S, 0, MAX_LEEWAY_S),
+        revocation_max_age_s=_max_age(env, "CAVE_LLM_REVOCATION_MAX_AGE_S"),
         rpm=_per_minute(env, "CAVE_LLM_RPM"),
         tpm=_per_minute(env, "CAVE_LLM_TPM"),
         peers_file=env.get("CAVE_PEERS_FILE", "").strip(),
@@ -86,4 +91,19 @@ def _per_minute(env: Mapping[str, str], variable: str) -> int:
         raise ConfigError(f"{variable}={raw!r}: expected a whole number per minute") from None
     if value < 0:
         raise ConfigError(f"{variable}={raw!r}: expected a whole number >= 0 (0: no limit)")
+    return value
+
+
+def _max_age(env: Mapping[str, str], variable: str) -> float:
+    raw = env.get(variable)
+    if raw is None or not raw.strip():
+        return DEFAULT_REVOCATION_MAX_AGE_S
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{variable}={raw!r}: expected seconds") from None
+    if not 1.0 <= value <= MAX_REVOCATION_MAX_AGE_S:  # NaN fails too
+        raise ConfigError(
+            f"{variable}={raw!r}: expected seconds between 1 and {MAX_REVOCATION_MAX_AGE_S:g}"
+        )
     return value

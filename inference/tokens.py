@@ -193,7 +193,8 @@ class TokenVerifier:
     ) -> ModelClaims:
         """The token's claims when it may call `model` in `namespace` with `scope` (None: not
         checked), else AuthError / TokenExpiredError (401) or TokenRevokedError,
-        NamespaceMismatchError, ForbiddenError (403). Never touches the database."""
+        NamespaceMismatchError, ForbiddenError (403), or RevocationsStaleError (503) when the
+        revocation set is too old to trust. Never touches the database."""
         known = self._verified.get(token)
         if known is not None and self._key_of(known) is not None:
             claims = known  # its signature was checked; the key still verifies
@@ -202,6 +203,7 @@ class TokenVerifier:
         self._check_time(token, claims)
         if claims is not known:
             self._remember(token, claims)
+        self._revocations.check_fresh()  # a stale view vouches for nothing: 503, not a pass
         if self._revocations.is_revoked(claims.jti):
             raise TokenRevokedError(f"model-access key {claims.jti} has been revoked")
         if namespace is not None and claims.cave_ns != namespace:

@@ -26,6 +26,11 @@ async def db(target: Target) -> AsyncIterator[Database]:  # noqa: F811
     await database.close()
 
 
+# The tests below do not run the refresh loop: a view read at the start of a test must stay
+# trusted for the whole test, however loaded the machine (the staleness tests set their own).
+REVOCATION_MAX_AGE_S = 300.0
+
+
 @pytest.fixture
 def llm_settings() -> LlmSettings:
     return LlmSettings()
@@ -45,8 +50,11 @@ async def keys(db: Database, secret_key: bytes, llm_settings: LlmSettings) -> Si
 
 
 @pytest.fixture
-def revocations(db: Database) -> RevocationCache:
-    return RevocationCache(db)
+async def revocations(db: Database, llm_settings: LlmSettings) -> RevocationCache:
+    """Read once, as a gateway does at start-up: a view never read vouches for no token."""
+    cache = RevocationCache(db, leeway_s=llm_settings.leeway_s, max_age_s=REVOCATION_MAX_AGE_S)
+    await cache.refresh()
+    return cache
 
 
 @pytest.fixture

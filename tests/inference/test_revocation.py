@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import TypeVar
 
+import jwt
 import pytest
 from sqlalchemy import update
 
@@ -18,7 +21,7 @@ from cave.db import (
     new_id,
     utcnow,
 )
-from cave.errors import TokenRevokedError
+from cave.errors import RevocationsStaleError, TokenRevokedError
 from inference.llm_settings import LlmSettings
 from inference.revocation import RevocationCache
 from inference.signing_keys import SigningKeys
@@ -28,6 +31,7 @@ from tests.db.conftest import Target
 pytestmark = pytest.mark.anyio
 
 MODEL = "tiny-chat"
+T = TypeVar("T")
 NAMESPACES = ("ns-a", "ns-b")
 
 
@@ -153,6 +157,7 @@ async def test_another_replica_refuses_a_revoked_key_within_its_refresh_interval
         other_keys = SigningKeys(other_db, secret_key, llm_settings)
         await other_keys.current()
         other_revocations = RevocationCache(other_db)
+        await other_revocations.refresh()
         other = TokenVerifier(other_keys, other_revocations, llm_settings)
         assert other.verify(token, "ns-b", MODEL) == claims
         refreshing = asyncio.create_task(other_revocations.run(interval_s=0.5))
@@ -179,8 +184,98 @@ async def _refused_within(verifier: TokenVerifier, token: str, ns: str, deadline
     return False
 
 
-async def test_age_says_how_stale_the_set_is(revocations: RevocationCache) -> None:
-    assert revocations.age_s() == float("inf")
-    await revocations.refresh()
-    assert 0 <= revocations.age_s() < 60
-    assert len(revocations) == 0 and not revocations.is_revoked(new_id())
+async def test_age_says_how_stale_the_set_is(db: Database) -> None:
+    cache = RevocationCache(db)
+    assert cache.age_s() == float("inf")
+    with pytest.raises(RevocationsStaleError):  # never read: it vouches for nothing
+        cache.check_fresh()
+    await cache.refresh()
+    assert 0 <= cache.age_s() < 60
+    cache.check_fresh()
+    assert len(cache) == 0 and not cache.is_revoked(new_id())
+
+
+def _expired_a_second_ago(keys: SigningKeys, settings: LlmSettings) -> tuple[str, ModelClaims]:
+    """A token of ours whose `exp` passed one second ago: inside the verifier's leeway."""
+    key, now = keys.signer_now(), int(time.time())
+    claims = ModelClaims(
+        settings.issuer, settings.audience, "key-1", MODEL, "ns-a", ("llm:chat",),
+        now - 60, now - 60, now - 1, new_id(), key.kid,
+    )  # fmt: skip
+    headers = {"typ": "at+jwt", "kid": key.kid}
+    return jwt.encode(claims.payload(), key.private_key, "EdDSA", headers), claims
+
+
+async def test_a_key_revoked_a_second_before_its_expiry_stays_refused_through_the_leeway(
+    approved: Database,
+    keys: SigningKeys,
+    verifier: TokenVerifier,
+    revocations: RevocationCache,
+    llm_settings: LlmSettings,
+) -> None:
+    token, claims = _expired_a_second_ago(keys, llm_settings)
+    assert llm_settings.leeway_s > 1 and verifier.verify(token, "ns-a", MODEL) == claims
+    row = token_row(claims, "req-ns-a")
+    row.revoked_at = claims.expires_at - timedelta(seconds=1)  # revoked 1 s before its exp
+    async with approved.admin_session() as session:
+        session.add(row)
+    revocations.revoke_local(claims.jti, claims.expires_at)  # the replica that revoked
+    await revocations.refresh()  # a refresh after `exp` must not forget it
+    with pytest.raises(TokenRevokedError):
+        verifier.verify(token, "ns-a", MODEL)
+    # Another replica, reading the table for the first time, learns it too.
+    other = RevocationCache(approved, leeway_s=llm_settings.leeway_s)
+    assert await other.refresh() == 1 and other.is_revoked(claims.jti)
+    with pytest.raises(TokenRevokedError):
+        TokenVerifier(keys, other, llm_settings).verify(token, "ns-a", MODEL)
+
+
+async def test_the_refresh_loop_outlives_a_broken_table_and_learns_revocations_after(
+    approved: Database,
+    target: Target,
+    keys: SigningKeys,
+    signer: TokenSigner,
+    llm_settings: LlmSettings,
+) -> None:
+    """The table disappears under a running loop (not a lost connection: an error the old
+    loop died of); keys are refused while the view is stale, and the loop recovers."""
+    token, claims = await _issue(approved, signer, "ns-a")
+    cache = RevocationCache(approved, max_age_s=1)
+    verifier = TokenVerifier(keys, cache, llm_settings)
+    refreshing = asyncio.create_task(cache.run(interval_s=0.05))
+    try:
+        await _until(lambda: cache.age_s() < 1, "a first refresh")
+        assert verifier.verify(token, "ns-a", MODEL) == claims
+        await target.raw("ALTER TABLE model_access_tokens RENAME TO model_access_tokens_away")
+        try:
+            await _until(lambda: cache.failures >= 2, "two failed refreshes")
+            stale = await _until(lambda: _stale(verifier, token), "a stale view")
+            assert stale.retry_after_s >= 1 and "not trusted" in stale.message
+            assert cache.last_error and not refreshing.done()
+        finally:
+            await target.raw("ALTER TABLE model_access_tokens_away RENAME TO model_access_tokens")
+        await _revoke(approved, claims.jti)  # committed while this replica knew nothing
+        await _until(lambda: cache.is_revoked(claims.jti), "the revocation after recovery")
+        assert cache.failures == 0 and cache.last_error is None
+        with pytest.raises(TokenRevokedError):
+            verifier.verify(token, "ns-a", MODEL)
+    finally:
+        refreshing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refreshing
+
+
+def _stale(verifier: TokenVerifier, token: str) -> RevocationsStaleError | None:
+    try:
+        verifier.verify(token, "ns-a", MODEL)
+    except RevocationsStaleError as error:
+        return error
+    return None
+
+
+async def _until(check: Callable[[], T | None], what: str, deadline_s: float = 30) -> T:
+    deadline = time.monotonic() + deadline_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: not reached within {deadline_s} s"
+        await asyncio.sleep(0.02)
+    return value

@@ -51,7 +51,9 @@ async def test_a_restarted_replica_signs_and_verifies_with_the_same_key(
     async with await Database.connect(target.settings) as restarted:
         again = SigningKeys(restarted, secret_key, llm_settings)
         assert (await again.current()).kid == kid
-        verifier = TokenVerifier(again, RevocationCache(restarted), llm_settings)
+        revocations = RevocationCache(restarted)
+        await revocations.refresh()  # as the gateway does at start-up, before serving
+        verifier = TokenVerifier(again, revocations, llm_settings)
         assert verifier.verify(token, NS, MODEL) == claims
 
 
