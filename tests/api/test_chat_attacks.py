@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -140,3 +142,29 @@ def test_an_expired_key_is_401(api_server: ApiServer) -> None:
     response = chat(api_server, token["model_access_key"])
     assert response.json()["error"]["code"] == "token_expired"
     assert engine_requests() == before
+
+
+def _rename_tokens_table(api_server: ApiServer, old: str, new: str) -> None:
+    with contextlib.closing(sqlite3.connect(api_server.env["BKG_DB_PATH"], timeout=30)) as db:
+        db.execute(f"ALTER TABLE {old} RENAME TO {new}")
+        db.commit()
+
+
+def test_a_replica_that_cannot_read_revocations_refuses_keys_with_503(
+    api_server: ApiServer, issued: dict[str, Any]
+) -> None:
+    """The revocation table becomes unreadable under the running gateway: once its view is
+    older than CAVE_LLM_REVOCATION_MAX_AGE_S every model-access key is a 503 with Retry-After
+    (never a pass), and service comes back by itself when the table does."""
+    token = issued["key"]["model_access_key"]
+    assert chat(api_server, token).status_code == 200
+    _rename_tokens_table(api_server, "model_access_tokens", "model_access_tokens_away")
+    try:
+        refused = poll_until(
+            lambda: (r := chat(api_server, token)).status_code == 503 and r, 60, "a stale view"
+        )
+        assert refused.json()["error"]["code"] == "revocations_stale"
+        assert int(refused.headers["Retry-After"]) >= 1
+    finally:
+        _rename_tokens_table(api_server, "model_access_tokens_away", "model_access_tokens")
+    assert poll_until(lambda: chat(api_server, token).status_code == 200, 60, "recovery")
