@@ -31,6 +31,7 @@ log = logging.getLogger("cave.peers")
 COOLDOWN_S = 30.0  # a peer whose last request or probe failed is skipped this long
 PROBE_INTERVAL_S = 10.0  # GET {url}/readyz of every peer
 JWKS_INTERVAL_S = 60.0  # peers' public keys are fetched again this often
+BACKOFF_MAX_S = 60.0  # a failing refresh loop waits 2, 4, 8... s between tries, at most this
 NUDGE_MIN_INTERVAL_S = 2.0  # an unknown peer kid refetches the JWKS at most this often
 TIMEOUT = httpx.Timeout(connect=3.0, read=120.0, write=10.0, pool=10.0)
 _FIELDS = {"name", "url", "issuer", "models"}
@@ -210,14 +211,23 @@ class PeerRouter:
         """Probes every peer's /readyz each `probe_interval_s` and fetches its JWKS each
         JWKS_INTERVAL_S, or at once when nudged."""
         keys_due, probe_due = 0.0, time.monotonic() + self.probe_interval_s
+        failures = 0
         while True:  # peers start healthy: the first probe comes after one interval
-            if time.monotonic() >= keys_due or self._nudge.is_set():
-                self._nudge.clear()
-                await self.refresh_keys()
-                keys_due = time.monotonic() + JWKS_INTERVAL_S
-            if time.monotonic() >= probe_due:
-                await self.probe()
-                probe_due = time.monotonic() + self.probe_interval_s
+            try:
+                if time.monotonic() >= keys_due or self._nudge.is_set():
+                    self._nudge.clear()
+                    await self.refresh_keys()
+                    keys_due = time.monotonic() + JWKS_INTERVAL_S
+                if time.monotonic() >= probe_due:
+                    await self.probe()
+                    probe_due = time.monotonic() + self.probe_interval_s
+                failures = 0
+            except Exception:  # the loop must outlive every failure: back off, then go on
+                failures += 1
+                delay = min(BACKOFF_MAX_S, 2.0**failures)
+                log.exception("peers: refresh failed %d time(s), retry in %.0f s", failures, delay)
+                await asyncio.sleep(delay)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudge.wait(), self.probe_interval_s)
 
@@ -244,7 +254,8 @@ class PeerRouter:
             answer = await self._client.get(f"{peer.url}/.well-known/jwks.json", timeout=5.0)
             answer.raise_for_status()
             self.trusted.set_jwks(peer.issuer, answer.json())
-        except (httpx.HTTPError, ValueError, CaveError) as exc:
+        except (httpx.HTTPError, ValueError, CaveError, AttributeError, TypeError) as exc:
+            # AttributeError, TypeError: a JSON document that is not an object (a list, a string)
             log.warning("peer %s: JWKS not fetched: %s", peer.name, exc)
 
     async def close(self) -> None:
