@@ -190,8 +190,8 @@ class SigningKeys:
     async def _reload_quietly(self) -> None:
         try:
             await self._reload()
-        except CaveError as error:  # the request that asked has been served already
-            log.warning("reloading the signing keys failed: %s", error)
+        except Exception as error:  # any failure: the request that asked was served already
+            log.warning("reloading the signing keys failed: %s: %s", type(error).__name__, error)
 
     async def _fresh_ring(self) -> _Ring:
         ring = self._ring
