@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from cave.auth.sealing import check_key, seal, unseal
 from cave.db import Database, SigningKeyRow, new_id, utcnow
-from cave.errors import CaveError, ConfigError, InvalidArgumentError, ServiceUnavailableError
+from cave.errors import ConfigError, InvalidArgumentError, ServiceUnavailableError
 from inference.llm_settings import LlmSettings
 
 log = logging.getLogger(__name__)
