@@ -12,7 +12,7 @@ from cave.auth import webhooks
 from cave.auth.keys import ForbiddenError, KeyInfo, Principal
 from cave.errors import InvalidArgumentError, NotFoundError
 from deployments.deps import PrincipalDep, ServicesDep
-from deployments.routes import ERROR_RESPONSES
+from deployments.routes import ERROR_RESPONSES, created_links
 from deployments.schemas import (
     CreatedKeyOut,
     CreateKeyRequest,
@@ -26,7 +26,15 @@ router = APIRouter(prefix="/api/v1/auth/keys", tags=["keys"], responses=ERROR_RE
 MAX_WEBHOOK_BYTES = 64 * 1024
 
 
-@router.post("", status_code=201, response_model=CreatedKeyOut)
+_USES_KEY = [
+    "revoke_key_api_v1_auth_keys__key_id__delete",
+    "rotate_key_api_v1_auth_keys__key_id__rotate_post",
+]
+
+
+@router.post(
+    "", status_code=201, response_model=CreatedKeyOut, responses=created_links("key_id", _USES_KEY)
+)
 async def create_key(
     body: CreateKeyRequest, principal: PrincipalDep, services: ServicesDep
 ) -> CreatedKeyOut:
@@ -67,7 +75,12 @@ async def revoke_key(key_id: str, principal: PrincipalDep, services: ServicesDep
     return Response(status_code=204)
 
 
-@router.post("/{key_id}/rotate", status_code=201, response_model=CreatedKeyOut)
+@router.post(
+    "/{key_id}/rotate",
+    status_code=201,
+    response_model=CreatedKeyOut,
+    responses=created_links("key_id", _USES_KEY),
+)
 async def rotate_key(
     key_id: str,
     principal: PrincipalDep,
