@@ -80,7 +80,6 @@ def create_api(
         IsolationMetrics(metrics, services.sandboxes)
         services.sandboxes.exec_observer = metrics.observe_exec
         metrics.set_revocation_age(services.llm.revocations.age_s)
-        metrics.set_revocation_age(services.llm.revocations.age_s)
         services.sandboxes.inline_output_bytes = limits.exec_output_bytes
         upkeep = Upkeep(services, merged_env)
         upkeep.start()
