@@ -122,6 +122,14 @@ class SharedRateLimiter:
             raise ServiceUnavailableError(f"the rate limiter is unavailable: {exc}") from None
         return None if wait_s is None else float(max(1, math.ceil(wait_s)))
 
+    async def usage(self, jti: str) -> tuple[int, int]:
+        """(requests, tokens) of `jti` in its current window."""
+        try:
+            requests, tokens = await self._actor.usage.remote(jti)
+        except RayActorError as exc:
+            raise ServiceUnavailableError(f"the rate limiter is unavailable: {exc}") from None
+        return int(requests), int(tokens)
+
     async def add_tokens(self, jti: str, tokens: int) -> None:
         """Counts tokens already served: a failure is logged, never the caller's error."""
         try:

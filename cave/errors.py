@@ -114,10 +114,16 @@ class RateLimitedError(QuotaExceededError):
 
     code = "rate_limited"
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.args = (message, retry_after_s)  # pickles as cls(*args), across Ray processes
-        self.retry_after_s = retry_after_s
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float,
+        quota: str = "",
+        limit: float | None = None,
+        used: float | None = None,
+    ) -> None:
+        super().__init__(message, quota, limit, used, retry_after_s)
+        self.args = (message, retry_after_s, quota, limit, used)  # pickles as cls(*args)
 
 
 class AuthError(CaveError):

@@ -63,9 +63,10 @@ class ChatGateway:
         peers: PeerRouter | None = None,
         issuer: str = "cave",
     ) -> None:
-        """`limiter`: an actors.rate_limiter.SharedRateLimiter, needed when `rpm` or `tpm` (per
-        key and minute, 0: no limit) is set; with neither, no request calls it. `peers`: where
-        models not served here go; `issuer`: this cluster's CAVE_LLM_ISSUER."""
+        """`limiter`: an actors.rate_limiter.SharedRateLimiter, counting each key's requests and
+        tokens per minute across replicas; `rpm`/`tpm` (0: no limit) bound keys whose token
+        names no limits of its own. Without a limiter nothing is counted (tests of other parts).
+        `peers`: where models not served here go; `issuer`: this cluster's CAVE_LLM_ISSUER."""
         self.verifier = verifier  # inference.tokens.TokenVerifier
         self.recorder = recorder
         self._static = dict(engines)  # the models file's: never replaced or removed
@@ -74,7 +75,7 @@ class ChatGateway:
         self._streams = {model: h.options(stream=True) for model, h in self.engines.items()}
         self._removed: dict[str, None] = {}  # deleted through the API (ordered: oldest first)
         self.served_by = served_by
-        self.limiter = limiter if (rpm or tpm) else None
+        self.limiter = limiter
         self.rpm, self.tpm = rpm, tpm
         self.peers = peers
         self.issuer = issuer
@@ -82,6 +83,12 @@ class ChatGateway:
         self._forwarded: dict[str, str] = {}
         if (rpm or tpm) and limiter is None:
             raise ConfigError("a rate limit is set (CAVE_LLM_RPM/TPM) but no limiter is given")
+
+    def limits(self, claims: Any) -> tuple[int, int]:
+        """(rpm, tpm) of a key: those signed into it, else this gateway's defaults."""
+        rpm = self.rpm if claims.rpm is None else claims.rpm
+        tpm = self.tpm if claims.tpm is None else claims.tpm
+        return rpm, tpm
 
     def set_registered(self, handles: Mapping[str, Any]) -> None:
         """The engines of the models added through the admin API (model id -> handle), in place
@@ -143,20 +150,33 @@ class ChatGateway:
     async def admit(self, claims: Any, model: str) -> None:
         """Counts the request against the key's minute; RateLimitedError (429) when spent.
         A refusal is audited (outcome "denied"); it is no usage, so it writes no usage row."""
-        if self.limiter is None:
+        rpm, tpm = self.limits(claims)
+        if self.limiter is None or not (rpm or tpm):
             return
-        wait_s = await self.limiter.acquire(claims.jti, self.rpm, self.tpm)
+        wait_s = await self.limiter.acquire(claims.jti, rpm, tpm)
         if wait_s is None:
             return
-        details = {"reason": "rate_limited", "retry_after_s": wait_s}
+        requests, tokens = await self.limiter.usage(claims.jti)
+        spent_tokens = bool(tpm) and tokens >= tpm and not (rpm and requests >= rpm)
+        quota, limit, used = ("tpm", tpm, tokens) if spent_tokens else ("rpm", rpm, requests)
+        details = {
+            "reason": "rate_limited",
+            "retry_after_s": wait_s,
+            "quota": quota,
+            "limit": limit,
+        }
         event = AuditEvent(
             f"model-key:{claims.jti}", "llm.chat", model, "denied", claims.cave_ns, details
         )
         await self.recorder.record(event)
-        limits = f"{self.rpm or 'unlimited'} requests, {self.tpm or 'unlimited'} tokens"
+        what = "tokens" if quota == "tpm" else "requests"
         raise RateLimitedError(
-            f"model-access key {claims.jti} used its minute ({limits}); retry in {wait_s:.0f} s",
+            f"model-access key {claims.jti} used its {limit} {what} per minute ({quota}); "
+            f"retry in {wait_s:.0f} s",
             wait_s,
+            quota,
+            limit,
+            used,
         )
 
     def engine_for(self, model: str) -> Any:
@@ -211,7 +231,7 @@ class ChatGateway:
             yield {**delta, "served_by": f"peer:{name}"}
 
     async def record(self, claims: Any, model: str, usage: Usage, outcome: str = "ok") -> None:
-        if self.limiter is not None and self.tpm:
+        if self.limiter is not None and self.limits(claims)[1]:
             await self.limiter.add_tokens(claims.jti, usage.prompt_tokens + usage.completion_tokens)
         details = {k: v for k, v in asdict(usage).items() if v is not None}
         if claims.iss != self.issuer:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.schemas import Namespace
+from inference.llm_settings import MAX_PER_MINUTE
 
 
 class AccessRequestIn(BaseModel):
@@ -18,6 +19,28 @@ class AccessRequestIn(BaseModel):
     scopes: list[Literal["llm:chat"]] | None = None
     ttl_s: float | None = Field(None, gt=0)
     reason: str = Field("", max_length=2000)
+    rpm: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PER_MINUTE,
+        description="Requests per minute asked for (default: the deployment's CAVE_LLM_RPM)",
+    )
+    tpm: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PER_MINUTE,
+        description="Tokens (prompt + completion) per minute "
+        "asked for (default: the deployment's CAVE_LLM_TPM)",
+    )
+
+
+class ApproveIn(BaseModel):
+    """Limits the admin grants instead of those asked for; 0 is no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(None, ge=0, le=MAX_PER_MINUTE)
+    tpm: int | None = Field(None, ge=0, le=MAX_PER_MINUTE)
 
 
 class AccessRequestOut(BaseModel):
@@ -26,6 +49,11 @@ class AccessRequestOut(BaseModel):
     cave_namespace: str
     scopes: list[str]
     ttl_s: int
+    rpm: int | None = Field(
+        description="Requests per minute: asked for while pending (null: the default), granted "
+        "once approved (0: no limit)"
+    )
+    tpm: int | None = Field(description="Tokens per minute, as `rpm`")
     reason: str
     state: Literal["pending", "approved", "denied"]
     requested_by: str

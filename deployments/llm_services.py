@@ -75,8 +75,8 @@ class LlmServices:
         access = ModelAccess(
             db, audit, TokenSigner(keys, settings), settings.token_max_ttl_s, settings.token_ttl_s
         )
-        limited = settings.rpm or settings.tpm  # no limiter actor at all without a limit
-        limiter = SharedRateLimiter() if limited else None
+        # Always: a key may carry limits of its own even where the defaults are 0.
+        limiter = SharedRateLimiter()
         chat = ChatGateway(
             verifier,
             recorder,

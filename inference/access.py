@@ -1,8 +1,10 @@
 """ModelAccess: request -> review -> signed model-access key -> revoke, with records and audit.
 
-A namespace asks for a model; an admin approves (the key is returned once, never stored) or
-denies; an admin may revoke an issued key, which every gateway replica honours within a second
-(inference/revocation.py).
+A namespace asks for a model, and may ask for its own requests/tokens per minute; an admin
+approves (granting what was asked, or limits of the admin's own; the key is returned once, never
+stored) or denies. A key's limits are signed into it; without any, the deployment's defaults
+(CAVE_LLM_RPM/TPM) are. Only an admin grants "no limit" (0). An admin may revoke an issued key,
+which every gateway replica honours within a second (inference/revocation.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ class IssuedKey:
     token: str
     token_id: str
     expires_at: datetime
+    rpm: int
+    tpm: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Requests and tokens per minute; None: not given (the next default applies)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 class ModelAccess:
@@ -53,7 +65,10 @@ class ModelAccess:
         scopes: list[str] | None,
         ttl_s: float | None,
         reason: str,
+        limits: Limits = Limits(),
     ) -> ModelAccessRequestRow:
+        """A pending request; `limits` are what the namespace asks for (>= 1: "no limit" is
+        the admin's to grant at approval)."""
         principal.require("llm:request")
         if not principal.is_admin and namespace != principal.namespace_id:
             raise ForbiddenError(f"this key acts in namespace {principal.namespace_id!r} only")
@@ -64,12 +79,17 @@ class ModelAccess:
         ttl = self.default_ttl_s if ttl_s is None else ttl_s
         if not 0 < ttl <= self.max_ttl_s:
             raise InvalidArgumentError(f"ttl_s must be in (0, {self.max_ttl_s:.0f}], got {ttl}")
+        for name, value in (("rpm", limits.rpm), ("tpm", limits.tpm)):
+            if value is not None and value < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1; only an admin grants no limit")
         row = ModelAccessRequestRow(
             id=new_id(),
             namespace_id=namespace,
             model_id=model_id,
             scopes=wanted,
             ttl_s=int(ttl),
+            rpm=limits.rpm,
+            tpm=limits.tpm,
             reason=reason,
             state="pending",
             requested_by=principal.key_id,
@@ -90,9 +110,10 @@ class ModelAccess:
             return list((await session.scalars(query.limit(500))).all())
 
     async def approve(
-        self, principal: Principal, request_id: str
+        self, principal: Principal, request_id: str, limits: Limits = Limits()
     ) -> tuple[ModelAccessRequestRow, IssuedKey]:
-        """Sign the key and record its id in the same transaction as the decision."""
+        """Sign the key and record its id in the same transaction as the decision. Its limits:
+        the admin's `limits`, else those the request asked for, else the defaults."""
         _require_admin(principal)
         async with self.db.admin_session() as session:
             row = await self._decide(session, request_id, "approved", principal)
@@ -102,11 +123,20 @@ class ModelAccess:
                 cave_ns=row.namespace_id,
                 scopes=list(row.scopes),
                 ttl_s=row.ttl_s,
+                rpm=row.rpm if limits.rpm is None else limits.rpm,
+                tpm=row.tpm if limits.tpm is None else limits.tpm,
             )
+            row.rpm, row.tpm = claims.rpm, claims.tpm  # what was granted
             session.add(token_row(claims, row.id))
-        details: dict[str, object] = {"model_id": row.model_id, "token_id": claims.jti}
+        details: dict[str, object] = {
+            "model_id": row.model_id,
+            "token_id": claims.jti,
+            "rpm": claims.rpm,
+            "tpm": claims.tpm,
+        }
         await self._audit(principal, "llm.approve", row.id, row.namespace_id, details)
-        return row, IssuedKey(token, claims.jti, claims.expires_at)
+        rpm, tpm = claims.rpm or 0, claims.tpm or 0  # the signer always sets both
+        return row, IssuedKey(token, claims.jti, claims.expires_at, rpm, tpm)
 
     async def deny(self, principal: Principal, request_id: str) -> ModelAccessRequestRow:
         _require_admin(principal)

@@ -14,6 +14,11 @@ DEFAULT_LEEWAY_S = 30
 MAX_LEEWAY_S = 600  # past this, "expired" would stop meaning anything
 DEFAULT_REVOCATION_MAX_AGE_S = 5.0  # ten refresh intervals (0.5 s) missed in a row
 MAX_REVOCATION_MAX_AGE_S = 300.0  # longer, and a revoked key could live minutes on a replica
+# A key approved without limits of its own gets these: a leaked or looping key costs at most
+# this much a minute. OpenAI's first tier is of this order (500 rpm, 200k tpm).
+DEFAULT_RPM = 600
+DEFAULT_TPM = 200_000
+MAX_PER_MINUTE = 1_000_000_000  # fits the database's 32-bit integer columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +32,10 @@ class LlmSettings:
     leeway_s: int = DEFAULT_LEEWAY_S  # CAVE_LLM_LEEWAY_S: clock skew tolerated on exp/nbf/iat
     # CAVE_LLM_REVOCATION_MAX_AGE_S: a replica whose revocation view is older refuses keys (503)
     revocation_max_age_s: float = DEFAULT_REVOCATION_MAX_AGE_S
-    rpm: int = 0  # CAVE_LLM_RPM: requests per minute per key, all replicas together (0: no limit)
-    tpm: int = 0  # CAVE_LLM_TPM: tokens (prompt + completion) per minute per key (0: no limit)
+    # CAVE_LLM_RPM / CAVE_LLM_TPM: requests and tokens (prompt + completion) per minute for a key
+    # approved without limits of its own, all replicas together; 0 must be asked for: no limit.
+    rpm: int = DEFAULT_RPM
+    tpm: int = DEFAULT_TPM
     peers_file: str = ""  # CAVE_PEERS_FILE: the peer clusters' TOML file ("": no peers)
 
 
@@ -49,8 +56,8 @@ def load_llm_settings(env: Mapping[str, str] | None = None) -> LlmSettings:
         token_max_ttl_s=max_ttl_s,
         leeway_s=_seconds(env, "CAVE_LLM_LEEWAY_S", DEFAULT_LEEWAY_S, 0, MAX_LEEWAY_S),
         revocation_max_age_s=_max_age(env, "CAVE_LLM_REVOCATION_MAX_AGE_S"),
-        rpm=_per_minute(env, "CAVE_LLM_RPM"),
-        tpm=_per_minute(env, "CAVE_LLM_TPM"),
+        rpm=_per_minute(env, "CAVE_LLM_RPM", DEFAULT_RPM),
+        tpm=_per_minute(env, "CAVE_LLM_TPM", DEFAULT_TPM),
         peers_file=env.get("CAVE_PEERS_FILE", "").strip(),
     )
 
@@ -81,16 +88,18 @@ def _seconds(
     return value
 
 
-def _per_minute(env: Mapping[str, str], variable: str) -> int:
+def _per_minute(env: Mapping[str, str], variable: str, default: int) -> int:
     raw = env.get(variable)
     if raw is None or not raw.strip():
-        return 0
+        return default
     try:
         value = int(raw.strip())
     except ValueError:
         raise ConfigError(f"{variable}={raw!r}: expected a whole number per minute") from None
-    if value < 0:
-        raise ConfigError(f"{variable}={raw!r}: expected a whole number >= 0 (0: no limit)")
+    if not 0 <= value <= MAX_PER_MINUTE:
+        raise ConfigError(
+            f"{variable}={raw!r}: expected a whole number from 0 (no limit) to {MAX_PER_MINUTE}"
+        )
     return value
 
 

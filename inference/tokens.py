@@ -3,8 +3,11 @@ by TokenVerifier against the signing keys, peers' keys and the revocation set, a
 
 A token's header is `{"alg": "EdDSA", "typ": "at+jwt", "kid": ...}`; its claims are
 `iss aud sub model_id cave_ns scopes iat nbf exp jti`, `jti` being the id of its
-`model_access_tokens` row. Verification pins the algorithm (RFC 8725): `none`, HMAC with the
-public key as secret, RSA and every other `alg` fail before any key is used.
+`model_access_tokens` row, and `cave_rpm cave_tpm`: the key's own requests and tokens per minute
+(0: no limit), signed so that no replica needs the database to know them; a token without them
+(a peer's, or one issued before they existed) gets the gateway's defaults. Verification pins
+the algorithm (RFC 8725): `none`, HMAC with the public key as secret, RSA and every other `alg`
+fail before any key is used.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from cave.errors import (
     TokenExpiredError,
     TokenRevokedError,
 )
-from inference.llm_settings import LlmSettings
+from inference.llm_settings import MAX_PER_MINUTE, LlmSettings
 from inference.revocation import RevocationCache
 from inference.signing_keys import ALGORITHM, SigningKeys, parse_jwks
 
@@ -58,6 +61,8 @@ class ModelClaims:
     exp: int
     jti: str
     kid: str
+    rpm: int | None = None  # None: the gateway's default (CAVE_LLM_RPM); 0: no limit
+    tpm: int | None = None
 
     @property
     def issued_at(self) -> datetime:
@@ -70,7 +75,9 @@ class ModelClaims:
     def payload(self) -> dict[str, Any]:
         """The JWT claims set (`kid` travels in the header)."""
         names = ("iss", "aud", "sub", "model_id", "cave_ns", "iat", "nbf", "exp", "jti")
-        return {**{name: getattr(self, name) for name in names}, "scopes": list(self.scopes)}
+        payload = {**{name: getattr(self, name) for name in names}, "scopes": list(self.scopes)}
+        limits = {"cave_rpm": self.rpm, "cave_tpm": self.tpm}
+        return payload | {name: value for name, value in limits.items() if value is not None}
 
 
 def token_row(claims: ModelClaims, request_id: str) -> ModelAccessTokenRow:
@@ -83,6 +90,8 @@ def token_row(claims: ModelClaims, request_id: str) -> ModelAccessTokenRow:
         kid=claims.kid,
         issued_at=claims.issued_at,
         expires_at=claims.expires_at,
+        rpm=claims.rpm,
+        tpm=claims.tpm,
     )
 
 
@@ -102,9 +111,14 @@ class TokenSigner:
         scopes: Sequence[str],
         ttl_s: int | None = None,
         jti: str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
     ) -> tuple[str, ModelClaims]:
-        """A signed token and its claims; `jti` (default: a new id) names its database row."""
+        """A signed token and its claims; `jti` (default: a new id) names its database row;
+        `rpm`/`tpm` (default: the settings') are signed into it (0: no limit)."""
         ttl = self._ttl(ttl_s)
+        rpm = self._settings.rpm if rpm is None else _per_minute("rpm", rpm)
+        tpm = self._settings.tpm if tpm is None else _per_minute("tpm", tpm)
         fields = {"sub": sub, "model_id": model_id, "cave_ns": cave_ns, "jti": jti or new_id()}
         for name, value in fields.items():
             if not isinstance(value, str) or not value:
@@ -121,6 +135,8 @@ class TokenSigner:
             nbf=now,
             exp=now + ttl,
             kid=key.kid,
+            rpm=rpm,
+            tpm=tpm,
             **fields,
         )
         headers = {"typ": TOKEN_TYPE, "kid": key.kid}
@@ -339,6 +355,9 @@ def _claims(payload: dict[str, Any], kid: str, audience: str) -> ModelClaims:
         raise AuthError("model-access key scopes must be a list of strings")
     if not all(_is_time(payload[name]) for name in ("iat", "nbf", "exp")):
         raise AuthError("model-access key times must be seconds since the epoch")
+    limits = [payload.get(name) for name in ("cave_rpm", "cave_tpm")]
+    if not all(value is None or _is_count(value) for value in limits):
+        raise AuthError("model-access key limits must be whole numbers >= 0")
     return ModelClaims(
         iss=payload["iss"],
         aud=audience,  # pyjwt has checked that it is, or contains, ours
@@ -351,7 +370,19 @@ def _claims(payload: dict[str, Any], kid: str, audience: str) -> ModelClaims:
         exp=int(payload["exp"]),
         jti=payload["jti"],
         kid=kid,
+        rpm=limits[0],
+        tpm=limits[1],
     )
+
+
+def _per_minute(name: str, value: int) -> int:
+    if not _is_count(value) or value > MAX_PER_MINUTE:
+        raise InvalidArgumentError(f"{name} must be a whole number in [0, {MAX_PER_MINUTE}]")
+    return value
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40
 
 
 def _is_time(value: object) -> bool:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from actors.rate_limiter import WINDOW_S, RateLimitService
 from cave.errors import ConfigError, QuotaExceededError, RateLimitedError
 from deployments.errors import install_error_handlers
-from inference.llm_settings import load_llm_settings
+from inference.llm_settings import DEFAULT_RPM, DEFAULT_TPM, load_llm_settings
 
 
 class Clock:
@@ -81,8 +81,9 @@ def test_ended_windows_are_forgotten(limits: RateLimitService, clock: Clock) -> 
 @pytest.mark.parametrize(
     ("env", "rpm", "tpm"),
     [
-        ({}, 0, 0),
-        ({"CAVE_LLM_RPM": "0", "CAVE_LLM_TPM": ""}, 0, 0),
+        ({}, DEFAULT_RPM, DEFAULT_TPM),  # limited unless "no limit" is asked for
+        ({"CAVE_LLM_RPM": "0", "CAVE_LLM_TPM": ""}, 0, DEFAULT_TPM),
+        ({"CAVE_LLM_RPM": "0", "CAVE_LLM_TPM": "0"}, 0, 0),
         ({"CAVE_LLM_RPM": " 30 ", "CAVE_LLM_TPM": "5000"}, 30, 5000),
     ],
 )
@@ -91,7 +92,7 @@ def test_limits_come_from_the_environment(env: dict[str, str], rpm: int, tpm: in
     assert (settings.rpm, settings.tpm) == (rpm, tpm)
 
 
-@pytest.mark.parametrize("raw", ["-1", "ten", "1.5"])
+@pytest.mark.parametrize("raw", ["-1", "ten", "1.5", "1000000001"])
 @pytest.mark.parametrize("variable", ["CAVE_LLM_RPM", "CAVE_LLM_TPM"])
 def test_a_malformed_limit_is_a_config_error(variable: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=variable):

@@ -222,6 +222,9 @@ class ModelAccessRequestRow(NamespaceOwned, Base):
     model_id: Mapped[str] = mapped_column(Text)
     scopes: Mapped[list[str]] = mapped_column(default=list)
     ttl_s: Mapped[int]
+    # Requests and tokens per minute asked for (NULL: the deployment's default), then granted.
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
     reason: Mapped[str] = mapped_column(Text, default="")
     state: Mapped[str] = mapped_column(String(16))
     requested_by: Mapped[str] = mapped_column(Text)
@@ -250,6 +253,9 @@ class ModelAccessTokenRow(NamespaceOwned, Base):
     issued_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    # The limits signed into the token (0: none); NULL for tokens issued before revision 0010.
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
 
 
 class UsageEventRow(NamespaceOwned, Base):

@@ -29,6 +29,7 @@ from deployments.llm_schemas import (
     AccessRequestList,
     AccessRequestOut,
     ApprovedOut,
+    ApproveIn,
     ChatCompletionIn,
     ModelList,
     ModelOut,
@@ -39,6 +40,7 @@ from deployments.llm_schemas import (
     RevokeIn,
 )
 from deployments.routes import ERROR_RESPONSES
+from inference.access import Limits
 from inference.registry import MODEL_ID_PATTERN, ModelSpec
 
 router = APIRouter(tags=["model access"], responses=ERROR_RESPONSES)
@@ -59,6 +61,7 @@ async def request_access(
         list(body.scopes) if body.scopes is not None else None,
         body.ttl_s,
         body.reason,
+        Limits(body.rpm, body.tpm),
     )
     return _request_out(row)
 
@@ -74,8 +77,15 @@ async def list_requests(
 
 
 @router.post("/api/v1/admin/llm/requests/{request_id}/approve", response_model=ApprovedOut)
-async def approve(request_id: str, principal: PrincipalDep, services: ServicesDep) -> ApprovedOut:
-    decided, issued = await services.llm.access.approve(principal, request_id)
+async def approve(
+    request_id: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    body: ApproveIn | None = None,
+) -> ApprovedOut:
+    """Issue the key. Its limits: the body's, else the request's, else the defaults."""
+    limits = Limits(body.rpm, body.tpm) if body is not None else Limits()
+    decided, issued = await services.llm.access.approve(principal, request_id, limits)
     return ApprovedOut(
         **_request_out(decided).model_dump(),
         model_access_key=issued.token,
@@ -235,6 +245,8 @@ def _request_out(row: ModelAccessRequestRow) -> AccessRequestOut:
         cave_namespace=row.namespace_id,
         scopes=list(row.scopes),
         ttl_s=row.ttl_s,
+        rpm=row.rpm,
+        tpm=row.tpm,
         reason=row.reason,
         state=row.state,  # type: ignore[arg-type]
         requested_by=row.requested_by,

@@ -91,17 +91,24 @@ def make_namespace_key(server: HasClient, namespace: str, scopes: list[str]) -> 
     return str(response.json()["key"])
 
 
-def approved_model_key(server: HasClient, namespace: str, model: str) -> dict[str, Any]:
+def approved_model_key(
+    server: HasClient,
+    namespace: str,
+    model: str,
+    asked: dict[str, Any] | None = None,
+    granted: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A model-access key as a tenant gets one: its namespace key (scope llm:request) asks for
-    the model, the admin approves; the approval's body (`model_access_key`, `token_id`, ...)."""
+    the model (and `asked`: rpm, tpm, ...), the admin approves (with `granted` as the body); the
+    approval's body (`model_access_key`, `token_id`, `rpm`, ...)."""
     request_key = make_namespace_key(server, namespace, ["llm:request"])
     with server.client(request_key) as tenant:
-        asked = tenant.post(
-            "/api/v1/llm/requests", json={"model_id": model, "cave_namespace": namespace}
-        )
-    assert asked.status_code == 201, asked.text
+        asked_for = {"model_id": model, "cave_namespace": namespace, **(asked or {})}
+        answer = tenant.post("/api/v1/llm/requests", json=asked_for)
+    assert answer.status_code == 201, answer.text
     with server.client() as admin:
-        approved = admin.post(f"/api/v1/admin/llm/requests/{asked.json()['id']}/approve")
+        approve = f"/api/v1/admin/llm/requests/{answer.json()['id']}/approve"
+        approved = admin.post(approve, json=granted) if granted else admin.post(approve)
     assert approved.status_code == 200, approved.text
     return dict(approved.json())
 

@@ -30,14 +30,14 @@ AFTER_DEADLINE_REQUESTS = 10  # load-balanced over two replicas: both answer som
 
 @pytest.fixture(scope="module")
 def two(api_server: ApiServer) -> Iterator[str]:
-    """The base URL of the second app: two replicas, CAVE_LLM_RPM=3, the session's database."""
+    """The base URL of the second app: two replicas, the session's database."""
     from ray import serve
 
     from deployments.app import build_app
 
     source = Path(api_server.env["BKG_DB_PATH"]).parent / "tiny"  # built by api_server
     assert (source / "config.json").is_file()
-    env = {**api_server.env, "CAVE_LLM_RPM": str(RPM), "CAVE_LLM_TPM": "1000000"}
+    env = dict(api_server.env)
     models = [{"model_id": TINY_MODEL, "engine": "cpu", "source": str(source)}]
     app = build_app({"env": env, "num_replicas": 2, "models": models})
     serve.run(app, name=APP, route_prefix=PREFIX)
@@ -49,8 +49,9 @@ def two(api_server: ApiServer) -> Iterator[str]:
 
 
 def issue(api_server: ApiServer) -> dict[str, str]:
-    """A fresh model-access key for the tiny model, requested and approved via the first app."""
-    return approved_model_key(api_server, NAMESPACE, TINY_MODEL)
+    """A fresh model-access key for the tiny model, requested (with RPM requests a minute,
+    signed into the key) and approved via the first app."""
+    return approved_model_key(api_server, NAMESPACE, TINY_MODEL, asked={"rpm": RPM})
 
 
 def chat(url: str, key: str) -> httpx.Response:

@@ -29,7 +29,7 @@ from cave.errors import (
     TokenExpiredError,
     TokenRevokedError,
 )
-from inference.llm_settings import LlmSettings, load_llm_settings
+from inference.llm_settings import DEFAULT_RPM, DEFAULT_TPM, LlmSettings, load_llm_settings
 from inference.revocation import RevocationCache
 from inference.signing_keys import ActiveSigningKey, SigningKeys
 from inference.tokens import ModelClaims, PeerKeys, TokenSigner, TokenVerifier
@@ -194,6 +194,18 @@ ATTACKS = [
     ),
     Attack("no kid", lambda f: f.token(header=f.header(kid=None)), AuthError, "no signing key"),
     Attack(
+        "a negative rate limit",
+        lambda f: f.token(claims=f.claims(cave_rpm=-1)),
+        AuthError,
+        "limits must be whole numbers",
+    ),
+    Attack(
+        "a rate limit that is no number",
+        lambda f: f.token(claims=f.claims(cave_tpm="unlimited")),
+        AuthError,
+        "limits must be whole numbers",
+    ),
+    Attack(
         "wrong audience",
         lambda f: f.token(claims=f.claims(aud="someone-else")),
         AuthError,
@@ -308,6 +320,8 @@ async def test_an_issued_key_says_who_may_call_what(
         "nbf": claims.iat,
         "exp": claims.iat + 600,
         "jti": jti,
+        "cave_rpm": DEFAULT_RPM,  # limited by default, and signed: nobody edits them
+        "cave_tpm": DEFAULT_TPM,
     }
     assert before <= claims.iat <= int(time.time())
     assert (claims.jti, claims.kid, claims.scopes) == (jti, kid, ("llm:chat",))
@@ -349,6 +363,18 @@ async def test_issue_refuses_what_no_token_may_say(signer: TokenSigner) -> None:
         signer.issue("key-1", "", NS, ["llm:chat"])
     _, claims = signer.issue("key-1", MODEL, NS, ["llm:chat"])
     assert claims.exp - claims.iat == 3600  # CAVE_LLM_TOKEN_TTL_S
+    for limit in (-1, 10**10, True, 1.5):
+        with pytest.raises(InvalidArgumentError, match="rpm"):
+            signer.issue("key-1", MODEL, NS, ["llm:chat"], rpm=limit)  # type: ignore[arg-type]
+
+
+async def test_a_key_without_limit_claims_verifies_and_gets_the_gateways_defaults(
+    forge: Forge, verifier: TokenVerifier, signer: TokenSigner
+) -> None:
+    claims = verifier.verify(forge.token(), *CHAT)  # a peer's, or one issued before limits
+    assert (claims.rpm, claims.tpm) == (None, None)
+    _, granted = signer.issue("key-1", MODEL, NS, ["llm:chat"], rpm=0, tpm=7)
+    assert (granted.rpm, granted.tpm) == (0, 7)  # 0: no limit, an admin's grant
 
 
 async def test_a_key_rotated_on_another_replica_verifies_after_a_reload(
