@@ -89,14 +89,18 @@ class Bench(contextlib.ExitStack):
         self.contexts: dict[str, dict[str, Any]] = {}
         self.cluster_env: dict[str, dict[str, str]] = {}
         self.own_pids: dict[str, set[int]] = {}  # per setup, its processes outside the cluster
+        self.trees: dict[str, Path] = {}  # per cluster, the source tree its processes run
         self.callback(shutil.rmtree, root, ignore_errors=True)
 
-    def start_cluster(self, name: str) -> None:
+    def start_cluster(self, name: str, tree: Path = REPO) -> None:
+        """`tree`: the checkout whose code the cluster's processes and drivers run (another
+        commit's, to compare two versions side by side)."""
         from cluster.local import start_local_cluster, stop_local_cluster
 
         # Each setup's ingress is set here, exactly: "serve" keeps start_local_cluster from
         # adding its own default (HAProxy, tuned) on top.
-        env = {"PYTHONPATH": _pythonpath(), "CAVE_INGRESS": "serve"}
+        self.trees[name] = tree
+        env = {"PYTHONPATH": _pythonpath(tree), "CAVE_INGRESS": "serve"}
         if name.startswith("haproxy"):
             ports = listen_ports(4)
             files = Path(f"/tmp/cave-haproxy-{ports[0]}")
@@ -118,8 +122,8 @@ class Bench(contextlib.ExitStack):
         self.contexts[name] = context
         (state / "context.json").write_text(json.dumps(context))
 
-    def serve(self, setup: str, port: int) -> str:
-        cluster = CLUSTER_OF[setup]
+    def serve(self, setup: str, port: int, cluster: str | None = None) -> str:
+        cluster = cluster or CLUSTER_OF[setup]
         if setup == "uvicorn":
             with self._log(cluster, "_uvicorn") as log:
                 argv = self._argv(cluster, "_uvicorn", str(port))
@@ -130,9 +134,10 @@ class Bench(contextlib.ExitStack):
             self._driver(cluster, "_deploy", str(port))
         return f"http://127.0.0.1:{port}"
 
-    def cpu_meter(self, setup: str) -> http_load.CpuMeter:
+    def cpu_meter(self, setup: str, cluster: str | None = None) -> http_load.CpuMeter:
         """The CPU used by the setup's cluster (its `ray start` session) and own processes."""
-        sessions, pids = {self.clusters[CLUSTER_OF[setup]].pid}, self.own_pids.get(setup, set())
+        sessions = {self.clusters[cluster or CLUSTER_OF[setup]].pid}
+        pids = self.own_pids.get(setup, set())
         return lambda: http_load.process_cpu_s(sessions, pids)
 
     def _driver(self, cluster: str, command: str, *args: str) -> str:
@@ -161,11 +166,11 @@ class Bench(contextlib.ExitStack):
 
         # The drivers see the cluster's settings too: Serve reads them in every process.
         env = {**os.environ, **self.cluster_env[cluster], **driver_env(self.clusters[cluster])}
-        return {"cwd": REPO, "env": env, "stdin": subprocess.DEVNULL}
+        return {"cwd": self.trees[cluster], "env": env, "stdin": subprocess.DEVNULL}
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+def _pythonpath(tree: Path = REPO) -> str:
+    return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
 
 
 @contextlib.contextmanager

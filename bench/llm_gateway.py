@@ -6,7 +6,9 @@ Then, interleaved, N times each (CAVE_BENCH_N, default 200), the same prompt, ma
 temperature 0, fixed seed:
   - time to the first delta with text from `ModelEngine:tiny`'s handle, called from this driver;
   - time to the first SSE chunk with content of a streamed POST /v1/chat/completions (raw httpx,
-    keep-alive; the openai client too, for information);
+    keep-alive; the openai client too, for information), with a key granted no rate limit and
+    with a rate-limited key (every key is limited by default; its limits here are never reached,
+    so the row shows what counting the key's requests and tokens costs);
   - the whole answer, not streamed, over HTTP and through the handle (for information).
 The figure of issue 5: the HTTP TTFT minus the handle TTFT, p50 at most 3 ms. Token verification
 with the revocation check is measured on its own: `python -m bench.token_verify`.
@@ -41,6 +43,7 @@ READY_TIMEOUT_S = 180.0
 
 HANDLE_TTFT = "TTFT, engine handle (driver)"
 HTTPX_TTFT = "TTFT, HTTP streamed (httpx)"
+LIMITED_TTFT = "TTFT, HTTP streamed, rate-limited key"
 OPENAI_TTFT = "TTFT, HTTP streamed (openai client)"
 HANDLE_TOTAL = "whole answer, engine handle (driver)"
 HTTP_TOTAL = "whole answer, HTTP not streamed (httpx)"
@@ -118,8 +121,9 @@ def wait_ready(url: str) -> None:
         time.sleep(0.2)
 
 
-def model_key(client: httpx.Client, admin_key: str) -> str:
-    """A namespace key with llm:request asks for the model; the admin approves: the JWT."""
+def model_key(client: httpx.Client, admin_key: str, limit: int) -> str:
+    """A namespace key with llm:request asks for the model; the admin approves with `limit`
+    requests and tokens per minute (0: no limit): the JWT."""
     admin = {"authorization": f"Bearer {admin_key}"}
     made = client.post(
         "/api/v1/auth/keys",
@@ -134,7 +138,9 @@ def model_key(client: httpx.Client, admin_key: str) -> str:
     )
     asked.raise_for_status()
     approved = client.post(
-        f"/api/v1/admin/llm/requests/{asked.json()['id']}/approve", headers=admin
+        f"/api/v1/admin/llm/requests/{asked.json()['id']}/approve",
+        json={"rpm": limit, "tpm": limit},
+        headers=admin,
     )
     approved.raise_for_status()
     return str(approved.json()["model_access_key"])
@@ -143,7 +149,9 @@ def model_key(client: httpx.Client, admin_key: str) -> str:
 Probe = Callable[[], tuple[float, str]]  # one request: (seconds measured, the answer's text)
 
 
-def probes(handle: Any, http: httpx.Client, oai: openai.OpenAI) -> dict[str, Probe]:
+def probes(
+    handle: Any, http: httpx.Client, limited: httpx.Client, oai: openai.OpenAI
+) -> dict[str, Probe]:
     request = {"model": MODEL, "messages": MESSAGES, "top_p": 1.0, "stop": [], **PARAMS}
     body = {"model": MODEL, "messages": MESSAGES, **PARAMS}
 
@@ -163,7 +171,7 @@ def probes(handle: Any, http: httpx.Client, oai: openai.OpenAI) -> dict[str, Pro
         _, total, text = handle_stream()
         return total, text
 
-    def httpx_ttft() -> tuple[float, str]:
+    def httpx_ttft(http: httpx.Client = http) -> tuple[float, str]:
         start, first, parts = time.perf_counter(), -1.0, list[str]()
         with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
             resp.raise_for_status()
@@ -201,6 +209,7 @@ def probes(handle: Any, http: httpx.Client, oai: openai.OpenAI) -> dict[str, Pro
     return {
         HANDLE_TTFT: handle_ttft,
         HTTPX_TTFT: httpx_ttft,
+        LIMITED_TTFT: lambda: httpx_ttft(limited),
         OPENAI_TTFT: openai_ttft,
         HANDLE_TOTAL: handle_total,
         HTTP_TOTAL: http_total,
@@ -229,7 +238,7 @@ def measure(runs: dict[str, Probe], n: int) -> dict[str, list[float]]:
 
 def overhead_lines(samples: dict[str, list[float]]) -> Iterable[str]:
     handle = samples[HANDLE_TTFT]
-    for name in (HTTPX_TTFT, OPENAI_TTFT):
+    for name in (HTTPX_TTFT, LIMITED_TTFT, OPENAI_TTFT):
         p50 = percentiles(samples[name])["p50_ms"] - percentiles(handle)["p50_ms"]
         paired = statistics.median(b - a for a, b in zip(handle, samples[name], strict=True))
         verdict = "met" if p50 <= TARGET_OVERHEAD_MS else "NOT met"
@@ -258,7 +267,7 @@ def main() -> None:
         f" {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end)"
     )
     rows = {name: percentiles(s) for name, s in samples.items()}
-    report({k: rows[k] for k in (HANDLE_TTFT, HTTPX_TTFT, OPENAI_TTFT)}, HANDLE_TTFT)
+    report({k: rows[k] for k in (HANDLE_TTFT, HTTPX_TTFT, LIMITED_TTFT, OPENAI_TTFT)}, HANDLE_TTFT)
     report({k: rows[k] for k in (HANDLE_TOTAL, HTTP_TOTAL)}, HANDLE_TOTAL)
     report({HTTP_FLOOR: rows[HTTP_FLOOR]})
     for line in overhead_lines(samples):
@@ -271,10 +280,13 @@ def run(url: str, admin_key: str) -> dict[str, list[float]]:
 
     from deployments.app import APP_NAME
     from deployments.llm_engine import engine_deployment_name
+    from inference.llm_settings import MAX_PER_MINUTE
 
     with httpx.Client(base_url=url, timeout=120.0) as setup:
-        token = model_key(setup, admin_key)
+        token = model_key(setup, admin_key, 0)
+        limited_token = model_key(setup, admin_key, MAX_PER_MINUTE)
     headers = {"authorization": f"Bearer {token}", "x-cave-namespace": NAMESPACE}
+    limited_headers = {**headers, "authorization": f"Bearer {limited_token}"}
     handle = serve.get_deployment_handle(engine_deployment_name(MODEL), app_name=APP_NAME)
     oai = openai.OpenAI(
         base_url=f"{url}/v1",
@@ -283,8 +295,12 @@ def run(url: str, admin_key: str) -> dict[str, list[float]]:
         max_retries=0,
         timeout=120.0,
     )
-    with httpx.Client(base_url=url, headers=headers, timeout=120.0) as http, oai:
-        return measure(probes(handle, http, oai), N)
+    with (
+        httpx.Client(base_url=url, headers=headers, timeout=120.0) as http,
+        httpx.Client(base_url=url, headers=limited_headers, timeout=120.0) as limited,
+        oai,
+    ):
+        return measure(probes(handle, http, limited, oai), N)
 
 
 def teardown(paths: Paths, stop_ray: Callable[[], None]) -> None:

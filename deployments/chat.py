@@ -153,10 +153,10 @@ class ChatGateway:
         rpm, tpm = self.limits(claims)
         if self.limiter is None or not (rpm or tpm):
             return
-        wait_s = await self.limiter.acquire(claims.jti, rpm, tpm)
-        if wait_s is None:
+        refused = await self.limiter.acquire(claims.jti, rpm, tpm)
+        if refused is None:
             return
-        requests, tokens = await self.limiter.usage(claims.jti)
+        wait_s, requests, tokens = refused.retry_after_s, refused.requests, refused.tokens
         spent_tokens = bool(tpm) and tokens >= tpm and not (rpm and requests >= rpm)
         quota, limit, used = ("tpm", tpm, tokens) if spent_tokens else ("rpm", rpm, requests)
         details = {
@@ -231,8 +231,10 @@ class ChatGateway:
             yield {**delta, "served_by": f"peer:{name}"}
 
     async def record(self, claims: Any, model: str, usage: Usage, outcome: str = "ok") -> None:
-        if self.limiter is not None and self.limits(claims)[1]:
-            await self.limiter.add_tokens(claims.jti, usage.prompt_tokens + usage.completion_tokens)
+        tpm = self.limits(claims)[1]
+        if self.limiter is not None and tpm:
+            tokens = usage.prompt_tokens + usage.completion_tokens
+            await self.limiter.add_tokens(claims.jti, tokens, tpm)
         details = {k: v for k, v in asdict(usage).items() if v is not None}
         if claims.iss != self.issuer:
             # A peer's key: its token row (the usage row's foreign key) lives in the peer's

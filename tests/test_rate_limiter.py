@@ -125,3 +125,34 @@ async def test_the_error_is_a_429_with_retry_after() -> None:
     assert response.status_code == 429
     assert response.headers["retry-after"] == "13"
     assert response.json()["error"]["code"] == "rate_limited"
+
+
+def test_a_lease_grants_several_requests_never_past_the_rpm(limits: RateLimitService) -> None:
+    first = limits.lease("k", 10, 0, want=8)
+    assert (first.granted, first.requests) == (8, 8)
+    second = limits.lease("k", 10, 0, want=8)
+    assert (second.granted, second.requests) == (2, 10)  # what is left of the minute
+    refused = limits.lease("k", 10, 0, want=8)
+    assert refused.granted == 0 and refused.window_left_s == pytest.approx(WINDOW_S)
+
+
+def test_requests_given_back_serve_the_next_lease(limits: RateLimitService) -> None:
+    first = limits.lease("k", 10, 0, want=10)
+    assert limits.lease("k", 10, 0).granted == 0
+    again = limits.lease("k", 10, 0, want=4, give_back=(first.window, 6))  # 4 served
+    assert (again.granted, again.requests) == (4, 8)
+
+
+def test_requests_given_back_to_an_ended_window_are_ignored(
+    limits: RateLimitService, clock: Clock
+) -> None:
+    old = limits.lease("k", 10, 0, want=10)
+    clock.now += WINDOW_S
+    fresh = limits.lease("k", 10, 0, want=1, give_back=(old.window, 10))
+    assert (fresh.granted, fresh.requests) == (1, 1) and fresh.window != old.window
+
+
+def test_add_tokens_says_when_the_tpm_is_spent(limits: RateLimitService) -> None:
+    assert limits.add_tokens("k", 60, 100) is False
+    assert limits.add_tokens("k", 40, 100) is True
+    assert limits.add_tokens("k", 10**6, 0) is False  # no token limit: never spent
