@@ -23,7 +23,11 @@ from ray.exceptions import RayActorError
 from cave.errors import ServiceUnavailableError
 
 log = logging.getLogger("cave.llm")
-LIMITER_NAME = "cave-llm-limiter"
+# The actor is detached: it outlives a deploy of new code. Its name carries the version of its
+# methods, so replicas of a new version never call an older actor that lacks them (the old one
+# holds no CPU and is forgotten with its counts).
+LIMITER_PROTOCOL = 2
+LIMITER_NAME = f"cave-llm-limiter-v{LIMITER_PROTOCOL}"
 NAMESPACE = "cave"
 WINDOW_S = 60.0
 SWEEP_EVERY = 1024  # acquires between sweeps of expired windows: memory stays bounded
