@@ -3,6 +3,8 @@ and the cap on the output a non-streamed exec returns inline."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ MIB = 1024 * 1024
 _FILE_UPLOAD = re.compile(r"^/api/v1/sandboxes/[^/]+/files/.+")
 _CHAT = ("/v1/chat/completions", "/api/v1/llm/chat")
 _MCP = "/mcp"
+DRAIN_S = 1.0  # how long a refused body is read and dropped before the 413 and the close
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,13 @@ class BodyLimitMiddleware:
 
     A declared Content-Length over the limit is refused before the app runs; a body without one
     (chunked) is counted as it is read, and the app's answer is replaced by the 413 as soon as
-    the count passes the limit. Either way no more than the limit is read, whoever is asking.
+    the count passes the limit. Either way nothing past the limit is kept or parsed, whoever is
+    asking.
+
+    Before the 413 goes out, the rest of the body is read and thrown away for up to DRAIN_S
+    (a lingering close, as nginx does): a server that closes a connection with unread data sends
+    a TCP reset, and the reset can destroy its own answer on the way (seen: the client got the
+    413's headers and lost its body). A body that takes longer gets the 413 and the reset.
     """
 
     def __init__(
@@ -106,11 +115,21 @@ class BodyLimitMiddleware:
         self, scope: Scope, receive: Receive, send: Send, error: PayloadTooLargeError
     ) -> None:
         self.on_reject(error.code)
+        await _drain(receive, DRAIN_S)
         request_id = str(scope.get("state", {}).get("request_id", "-"))
-        # The rest of the body stays unread: the server closes the connection after this.
         response = error_response(413, error.code, error.message, request_id)
         response.headers["connection"] = "close"
         await response(scope, receive, send)
+
+
+async def _drain(receive: Receive, seconds: float) -> None:
+    """Read and drop what is left of a request body, for at most `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
 
 
 class _Guard:
