@@ -119,6 +119,21 @@ def _tamper(token: str) -> str:
     return f"{header}.{_part(claims)}.{signature}"
 
 
+def _signed(forge: Forge, header: str, payload: str) -> str:
+    """Segments as given, signed with the real key."""
+    signature = forge.key.private_key.sign(f"{header}.{payload}".encode())
+    return f"{header}.{payload}.{_b64(signature)}"
+
+
+def _respell(token: str) -> str:
+    """The same token with its signature's last character changed in the bits base64 pads
+    with: the same 64 bytes, spelled another way."""
+    head, _, signature = token.rpartition(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(signature[-1])
+    return f"{head}.{signature[:-1]}{alphabet[last ^ 0b0001]}"
+
+
 HOUR = 3600
 CHAT = (NS, MODEL, "llm:chat")  # what verify is asked: namespace, model, scope
 
@@ -270,6 +285,26 @@ ATTACKS = [
         lambda f: f.token(claims=f.claims(exp=_ago(-365 * 86400))),
         AuthError,
         "lives longer",
+    ),
+    Attack(
+        "a second spelling of the signature (non-canonical base64)",
+        lambda f: _respell(f.token()),
+        AuthError,
+        "malformed",
+    ),
+    Attack("padding", lambda f: f.token() + "==", AuthError, "malformed"),
+    Attack("junk in a segment", lambda f: "!" + f.token(), AuthError, "malformed"),
+    Attack(
+        "a payload that is no JSON object",
+        lambda f: _signed(f, _part(f.header()), _b64(b"[1]")),
+        AuthError,
+        "malformed",
+    ),
+    Attack(
+        "an audience list without ours",
+        lambda f: f.token(claims=f.claims(aud=["someone-else", "another"])),
+        AuthError,
+        "another audience",
     ),
     Attack("not a JWT", lambda f: "not-a-token", AuthError, "malformed"),
     Attack("four parts", lambda f: f.token() + ".x", AuthError, "malformed"),
@@ -461,3 +496,8 @@ def test_malformed_settings_name_their_variable(variable: str, value: str) -> No
     with pytest.raises(ConfigError) as caught:
         load_llm_settings({variable: value})
     assert variable in str(caught.value)
+
+
+async def test_an_audience_list_naming_ours_verifies(forge: Forge, verifier: TokenVerifier) -> None:
+    token = forge.token(claims=forge.claims(aud=["someone-else", "cave-llm"]))
+    assert verifier.verify(token, *CHAT).aud == "cave-llm"
