@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NAMESPACE_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 Namespace = Annotated[str, Field(pattern=NAMESPACE_PATTERN, examples=["team-a"])]
@@ -132,6 +132,23 @@ class ExecRequest(_Body):
     cwd: str | None = None
     stdin: str | None = Field(None, description="Text written to the command's stdin.")
     timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _spellable(self) -> ExecRequest:
+        """A command receives bytes: a non-UTF-8 byte travels as a lone surrogate escape
+        (\\udc80-\\udcff, as os.fsencode spells it), but no bytes spell any other lone
+        surrogate, so a command naming one could never start: refused here, before a stream."""
+        argv = [self.command] if isinstance(self.command, str) else self.command
+        for text in [*argv, *self.env, *self.env.values(), self.cwd or ""]:
+            try:
+                text.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError as exc:
+                bad = text[exc.start]
+                raise ValueError(
+                    f"{bad!a} is a lone surrogate that no bytes spell: a command can receive "
+                    "only bytes (non-UTF-8 bytes travel as \\udc80-\\udcff)"
+                ) from None
+        return self
 
 
 class ExecOut(BaseModel):
