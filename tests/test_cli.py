@@ -36,7 +36,7 @@ def cave(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run the CLI as its own process, the way a user's shell would."""
     return subprocess.run(
-        [sys.executable, "-m", "cave.cli", *args],
+        [sys.executable, "-m", "cluster.cli", *args],
         input=stdin,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""`cave audit verify FILE...`: its arguments and handler (wired into `cave.cli.main`)."""
+"""`cave audit verify FILE...`: its arguments and handler (wired into `cluster.cli.main`)."""
 
 from __future__ import annotations
 

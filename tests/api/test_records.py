@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cave.cli.main import main as cave_main
+from cluster.cli.main import main as cave_main
 from tests.api.conftest import ApiServer
 from tests.support import poll_until
 

@@ -1,4 +1,4 @@
-"""`cave audit verify`: output and exit status, through `python -m cave.cli` in a subprocess."""
+"""`cave audit verify`: output and exit status, through `python -m cluster.cli` in a subprocess."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cave.cli.main import main
+from cluster.cli.main import main
 from tests.audit.support import lines, write
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def cave(*args: str | Path, key: str | None) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if k != "CAVE_AUDIT_LOG_HMAC_KEY"}
     if key is not None:
         env["CAVE_AUDIT_LOG_HMAC_KEY"] = key
-    command = [sys.executable, "-m", "cave.cli", "audit", "verify", *map(str, args)]
+    command = [sys.executable, "-m", "cluster.cli", "audit", "verify", *map(str, args)]
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 

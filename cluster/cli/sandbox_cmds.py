@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cave.cli.api_config import (
+from cave.client import SANDBOX_STATES, ExecResult, OutputChunk, SandboxInfo, SandboxState
+from cave.errors import SandboxError
+from cluster.cli.api_config import (
     add_json_flag,
     api_client,
     command,
@@ -14,9 +16,7 @@ from cave.cli.api_config import (
     print_table,
     when,
 )
-from cave.cli.run import LIMIT_FLAGS, TIMEOUT_EXIT_CODE
-from cave.client import SANDBOX_STATES, ExecResult, OutputChunk, SandboxInfo, SandboxState
-from cave.errors import SandboxError
+from cluster.cli.run import LIMIT_FLAGS, TIMEOUT_EXIT_CODE
 
 HEADERS = ("ID", "NAME", "NAMESPACE", "STATE", "CREATED")
 

@@ -6,8 +6,8 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
-from cave.cli.api_config import add_json_flag, api_client, command, print_json, print_table, when
 from cave.client import SCOPES, ApiKey, CreatedApiKey
+from cluster.cli.api_config import add_json_flag, api_client, command, print_json, print_table, when
 
 HEADERS = ("ID", "NAME", "KIND", "NAMESPACE", "SCOPES", "STATUS", "EXPIRES")
 

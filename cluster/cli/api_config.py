@@ -16,9 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cave.cli.session import cave_home
 from cave.client import KEY_ENV, URL_ENV, Cave, CaveAPIError, InternalServerError
 from cave.errors import CaveError, ConfigError, InvalidArgumentError
+from cluster.cli.base import cave_home
 
 API_FILE = "api.json"
 NO_API = f"no CAVE API known: pass --url, set ${URL_ENV}, or start one with `cave up`"

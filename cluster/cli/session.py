@@ -1,26 +1,18 @@
-"""The CLI's link to the cluster: where its state lives, connecting, Ray errors unwrapped."""
+"""The CLI's link to a running cluster: a Ray driver connection (commands that need Ray)."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import ray
-from ray.exceptions import RayTaskError
 
 from actors.warm_pool import NAMESPACE
-from cave.errors import CaveError
+from cluster.cli.base import cave_home
 from cluster.local import ClusterError, cluster_address, running_cluster, use_cluster_token
 
 NO_CLUSTER = "no CAVE cluster is running; start one with `cave up`"
-
-
-def cave_home() -> Path:
-    """Where `cave up` keeps its cluster state: $CAVE_HOME, else ~/.cave."""
-    return Path(os.environ.get("CAVE_HOME") or Path.home() / ".cave")
 
 
 @contextmanager
@@ -49,10 +41,3 @@ def _use_token_of(address: str) -> None:
     info = running_cluster(cave_home())
     if info is not None and address.rsplit(":", 1)[-1] == str(info.port):
         use_cluster_token(info)
-
-
-def as_cave_error(exc: BaseException) -> CaveError | None:
-    """The CaveError behind exc, also when an actor raised it and Ray wrapped it; else None."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, CaveError):
-        return exc.cause
-    return exc if isinstance(exc, CaveError) else None

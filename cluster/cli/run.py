@@ -6,12 +6,10 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from actors.isolation.results import ExecResult, OutputChunk
-from actors.sandboxes import SandboxHandle, create_sandbox
-from cave.cli.session import as_cave_error, connected
 from cave.errors import InvalidArgumentError, SandboxError
+from cluster.cli.base import as_cave_error
 from config.settings import (
     LimitOverrides,
     SandboxLimits,
@@ -19,6 +17,10 @@ from config.settings import (
     parse_overrides,
     resolve_limits,
 )
+
+if TYPE_CHECKING:  # Ray and the sandbox code load when a command runs, not for `cave --help`
+    from actors.isolation.results import ExecResult
+    from actors.sandboxes import SandboxHandle
 
 TIMEOUT_EXIT_CODE = 124
 LIMIT_FLAGS = {  # flag -> (LimitOverrides field, type, metavar, help)
@@ -63,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Parse and check everything first, so bad input fails before a sandbox exists."""
+    from actors.sandboxes import create_sandbox
+    from cluster.cli.session import connected
+
     given = {dest: getattr(args, dest) for dest, *_ in LIMIT_FLAGS.values()}
     overrides, env = parse_overrides(**given), _parse_env(args.env)
     settings = load_settings()
@@ -102,6 +107,8 @@ class _Outcome:
 
 def _execute(handle: SandboxHandle, request: RunRequest) -> _Outcome:
     """Stream output to our stdout/stderr as it comes, or collect it for --json."""
+    from actors.isolation.results import ExecResult, OutputChunk
+
     sinks: dict[str, BinaryIO] = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     kept: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
     items = handle.exec_stream(
