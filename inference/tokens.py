@@ -258,8 +258,6 @@ class TokenVerifier:
         return None if self._peers is None else self._peers.get(claims.iss, claims.kid)
 
     def _check_signature(self, token: str) -> ModelClaims:
-        if not isinstance(token, str) or _COMPACT.fullmatch(token) is None:
-            raise AuthError("malformed model-access key")
         kid = _header_kid(token)
         key, issuer = self._key_for(token, kid)
         payload = _verified_payload(token, key, self._settings.audience, issuer)
@@ -301,7 +299,8 @@ class TokenVerifier:
 
 def _header_kid(token: str) -> str:
     """The kid of a well-formed header that pins our algorithm and type; AuthError otherwise."""
-    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
+    # The length first: nothing longer reaches even the regular expression.
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not _COMPACT.fullmatch(token):
         raise AuthError("malformed model-access key")
     header = _json_part(token.partition(".")[0])
     if header.get("alg") != ALGORITHM:
@@ -321,8 +320,8 @@ def _verified_payload(
     token: str, key: Ed25519PublicKey, audience: str, issuer: str
 ) -> dict[str, Any]:
     """The claims of a compact JWS (RFC 7515) whose Ed25519 signature `key` verifies, naming
-    `audience` (alone or in a list) and `issuer`. The header was checked by _header_kid and
-    the characters by _COMPACT; times are checked by _check_time, on remembered tokens too.
+    `audience` (alone or in a list) and `issuer`. The length, the characters (_COMPACT) and the
+    header were checked by _header_kid; times are checked by _check_time, on remembered tokens too.
 
     Not pyjwt's decode: since 2.15 it checks each character of a token in a Python loop, a
     quarter of a verification's time; the checks are the same (an alphabet check, a signature
