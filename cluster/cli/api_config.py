@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cave.client import KEY_ENV, URL_ENV, Cave, CaveAPIError, InternalServerError
-from cave.errors import CaveError, ConfigError, InvalidArgumentError
-from cluster.cli.base import cave_home
+from cave.errors import CaveError, ConfigError
+from cluster.cli.base import cave_home, verb
 
 API_FILE = "api.json"
 NO_API = f"no CAVE API known: pass --url, set ${URL_ENV}, or start one with `cave up`"
@@ -88,9 +88,8 @@ def command(
     text: str,
     handler: Callable[[argparse.Namespace], int],
 ) -> argparse.ArgumentParser:
-    """A verb that talks to the API: main() calls `handler(args)` and prints its CaveErrors."""
-    parser: argparse.ArgumentParser = group.add_parser(name, help=text, description=text)
-    parser.set_defaults(handler=handler, parser=parser)
+    """A verb that talks to the API: `verb`'s, with the connection's arguments."""
+    parser = verb(group, name, text, handler)
     add_connection_arguments(parser)
     return parser
 
@@ -99,16 +98,6 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", dest="as_json", help="print JSON instead of a table"
     )
-
-
-def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, str]:
-    parsed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidArgumentError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        parsed[key] = value
-    return parsed
 
 
 def print_json(value: Any) -> None:

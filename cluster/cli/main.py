@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 from cave.audit import cli as audit_cli
 from cluster.cli import keys_cmds, run, sandbox_cmds
-from cluster.cli.base import as_cave_error
+from cluster.cli.base import as_cave_error, verb
 
 ERROR_EXIT_CODE = 2
 
@@ -38,30 +37,19 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cave", description="CAVE: isolated code sandboxes")
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
-    up = _command(commands, "up", "start a local cluster and warm its sandbox pool", _up)
+    up = verb(commands, "up", "start a local cluster and warm its sandbox pool", _up)
     up.add_argument("--num-cpus", type=int, metavar="N", help="CPUs Ray may use (default: all)")
-    _command(commands, "down", "stop the local cluster and every sandbox in it", _down)
+    verb(commands, "down", "stop the local cluster and every sandbox in it", _down)
     sandbox = commands.add_parser("sandbox", help="work with sandboxes")
     verbs = sandbox.add_subparsers(metavar="VERB", required=True)
-    run.add_arguments(_command(verbs, "run", "run one command in a fresh sandbox", run.run))
+    run.add_arguments(verb(verbs, "run", "run one command in a fresh sandbox", run.run))
     sandbox_cmds.add_commands(verbs)
     keys = commands.add_parser("keys", help="manage API keys")
     keys_cmds.add_commands(keys.add_subparsers(metavar="VERB", required=True))
     audit = commands.add_parser("audit", help="check the audit log")
     audit_verbs = audit.add_subparsers(metavar="VERB", required=True)
-    verify = _command(audit_verbs, "verify", audit_cli.VERIFY_HELP, audit_cli.verify_command)
+    verify = verb(audit_verbs, "verify", audit_cli.VERIFY_HELP, audit_cli.verify_command)
     audit_cli.add_verify_arguments(verify)
-    return parser
-
-
-def _command(
-    group: argparse._SubParsersAction,
-    name: str,
-    text: str,
-    handler: Callable[[argparse.Namespace], int],
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = group.add_parser(name, help=text, description=text)
-    parser.set_defaults(handler=handler, parser=parser)
     return parser
 
 

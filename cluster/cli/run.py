@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from cave.errors import InvalidArgumentError, SandboxError
-from cluster.cli.base import as_cave_error
+from cave.errors import SandboxError
+from cluster.cli.base import as_cave_error, parse_pairs
 from config.settings import (
     LimitOverrides,
     SandboxLimits,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.cli.session import connected
 
     given = {dest: getattr(args, dest) for dest, *_ in LIMIT_FLAGS.values()}
-    overrides, env = parse_overrides(**given), _parse_env(args.env)
+    overrides, env = parse_overrides(**given), parse_pairs(args.env, "--env")
     settings = load_settings()
     limits = resolve_limits(overrides, settings)
     request = RunRequest(args.command, overrides, env, args.cwd, _read_stdin(), args.as_json)
@@ -80,16 +80,6 @@ def run(args: argparse.Namespace) -> int:
         finally:
             _stop(handle)
     return _report(result, limits, request.as_json)
-
-
-def _parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidArgumentError(f"--env expects KEY=VALUE, got {pair!r}")
-        env[key] = value
-    return env
 
 
 def _read_stdin() -> bytes | None:

@@ -11,11 +11,11 @@ from cluster.cli.api_config import (
     add_json_flag,
     api_client,
     command,
-    parse_pairs,
     print_json,
     print_table,
     when,
 )
+from cluster.cli.base import parse_pairs
 from cluster.cli.run import LIMIT_FLAGS, TIMEOUT_EXIT_CODE
 
 HEADERS = ("ID", "NAME", "NAMESPACE", "STATE", "CREATED")
