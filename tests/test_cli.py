@@ -165,6 +165,13 @@ def test_no_cluster_gives_the_hint(tmp_path: Path) -> None:
     assert done.stderr.decode().strip() == NO_CLUSTER_HINT
 
 
+@pytest.mark.parametrize("pair", ["NOPE", "=value"])
+def test_a_malformed_env_pair_is_refused_before_any_sandbox(tmp_path: Path, pair: str) -> None:
+    done = run(cave_env(tmp_path), "--env", pair, "--", "true")  # no cluster: never reached
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == f"cave: error: --env expects KEY=VALUE, got {pair!r}"
+
+
 def test_down_without_a_cluster_is_fine(tmp_path: Path) -> None:
     done = cave(cave_env(tmp_path), "down")
     assert done.returncode == 0 and b"no CAVE cluster was running" in done.stdout
