@@ -173,3 +173,36 @@ async def test_the_mcp_exec_tool_has_the_same_cap(api_server: ApiServer, loud_sa
         )
     assert out["truncated"] is True
     assert len(out["stdout"]) == INLINE_OUTPUT_BYTES
+
+
+def test_a_declared_body_that_never_arrives_still_gets_its_413(api_server: ApiServer) -> None:
+    """The replica drains a refused body for a bounded time only: a client that declares a large
+    body and sends none, holding the connection open, still gets its whole 413."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(api_server.url)
+    head = (
+        f"POST /api/v1/sandboxes HTTP/1.1\r\nhost: {url.netloc}\r\n"
+        f"content-type: application/json\r\ncontent-length: {LIMITS.json_bytes + 1}\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.settimeout(60)  # a deadline for the test, not a figure: the answer comes long before
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before the whole answer: {answer!r}"
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"413", answer[:300]
+    assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+
+
+def _length(response: bytes) -> int:
+    """The Content-Length of a response's head."""
+    for line in response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    raise AssertionError(f"no content-length: {response[:300]!r}")
