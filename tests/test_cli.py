@@ -203,3 +203,36 @@ def _cluster_processes(leader: int, address: str) -> list[str]:
         if (int(sid) == leader or (ray_daemon and names_port)) and not stat.startswith("Z"):
             found.append(line)
     return found
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["cave", ""], {"up", "down", "sandbox", "keys", "audit", "completion", "--version"}),
+        (["cave", "sandbox", "e"], {"exec"}),
+        (["cave", "keys", "rotate", "--g"], {"--grace-s"}),
+        (["cave", "completion", ""], {"bash", "zsh"}),
+        (["cave", "sandbox", "run", "--", "pyth"], set()),  # the command's own words: not ours
+    ],
+)
+def test_bash_completion_offers_what_the_parser_knows(
+    tmp_path: Path, words: list[str], expected: set[str]
+) -> None:
+    script = cave(cave_env(tmp_path), "completion", "bash").stdout.decode()
+    (tmp_path / "cave.bash").write_text(script)
+    probe = (
+        f"source {tmp_path / 'cave.bash'}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+        f"COMP_CWORD={len(words) - 1}; COMPREPLY=(); _cave_complete; "
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    offered = set(done.stdout.split())
+    assert expected <= offered if expected else not offered
+
+
+def test_version_names_the_release(tmp_path: Path) -> None:
+    import cave as core
+
+    done = cave(cave_env(tmp_path), "--version")
+    assert (done.returncode, done.stdout.decode()) == (0, f"cave {core.__version__}\n")

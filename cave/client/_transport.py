@@ -24,6 +24,7 @@ from cave.client._errors import (
     error_from_response,
     transport_error,
 )
+from cave import __version__
 from cave.client._models import ExecEvent, ExecResult, OutputChunk
 from cave.client._routes import CLIENT_TIMEOUT, Call
 
@@ -33,7 +34,7 @@ KEY_ENV = "CAVE_API_KEY"
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MAX_RETRIES = 2
 MAX_BACKOFF_S = 8.0
-USER_AGENT = "cave-client/0.1"
+USER_AGENT = f"cave-sandbox-client/{__version__}"
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cave import __version__
 from cave.audit import cli as audit_cli
-from cluster.cli import keys_cmds, run, sandbox_cmds
+from cluster.cli import completion, keys_cmds, run, sandbox_cmds
 from cluster.cli.base import as_cave_error, verb
 
 ERROR_EXIT_CODE = 2
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cave", description="CAVE: isolated code sandboxes")
+    parser.add_argument("--version", action="version", version=f"cave {__version__}")
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
     up = verb(commands, "up", "start a local cluster and warm its sandbox pool", _up)
     up.add_argument("--num-cpus", type=int, metavar="N", help="CPUs Ray may use (default: all)")
@@ -50,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verbs = audit.add_subparsers(metavar="VERB", required=True)
     verify = verb(audit_verbs, "verify", audit_cli.VERIFY_HELP, audit_cli.verify_command)
     audit_cli.add_verify_arguments(verify)
+    shells = verb(commands, "completion", "print a shell completion script", _completion)
+    shells.add_argument("shell", choices=completion.SHELLS, help="source <(cave completion bash)")
     return parser
+
+
+def _completion(args: argparse.Namespace) -> int:
+    print(completion.script(build_parser(), args.shell), end="")
+    return 0
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cave import __version__
 from cluster.cli.main import main
 
 
@@ -158,7 +159,14 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["sandbox", "ls", "--json"], ["keys", "ls", "--json"], ["sandbox", "--help"]],
+    [
+        ["--help"],
+        ["--version"],
+        ["completion", "bash"],
+        ["sandbox", "ls", "--json"],
+        ["keys", "ls", "--json"],
+        ["sandbox", "--help"],
+    ],
     ids=" ".join,
 )
 def test_the_api_commands_work_without_ray_or_libseccomp(api_env: Any, argv: list[str]) -> None:
@@ -171,5 +179,9 @@ def test_the_api_commands_work_without_ray_or_libseccomp(api_env: Any, argv: lis
     assert done.returncode == 0, done.stderr
     if "--help" in argv:
         assert "usage: cave" in done.stdout
+    elif argv == ["--version"]:
+        assert done.stdout == f"cave {__version__}\n"
+    elif argv[0] == "completion":
+        assert "complete -o default -F _cave_complete cave" in done.stdout
     else:
         assert isinstance(json.loads(done.stdout), list)  # what the API answered
