@@ -1,61 +1,35 @@
-"""Async sandbox calls for code in an event loop (API replicas): no ray.get, Ray errors mapped."""
+"""The sandbox lifecycle, written once: reserve a node, create from its warm pool, find, run,
+stop. Async, for code in an event loop (API replicas); actors/sandboxes.py is the same calls for
+drivers and sync actors. No ray.get here: Ray errors are mapped (actors/handles.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import (
-    ActorUnavailableError,
-    GetTimeoutError,
-    RayActorError,
-    RaySystemError,
-    RayTaskError,
-)
+from ray.exceptions import ActorUnavailableError, RayActorError
 
+from actors.handles import choose_node, directory, translated, warm_pool
 from actors.isolation.guarantees import Isolation
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.placement import DEFAULT_POOL, SandboxNode
 from actors.sandbox_actor import ExecOutput, SandboxInfo
-from actors.sandboxes import choose_node, directory, warm_pool
 from cave.errors import (
     CapacityError,
     CaveError,
     SandboxError,
     SandboxNotFoundError,
     SandboxStateError,
-    ServiceUnavailableError,
 )
 from config.settings import SandboxLimits, Settings
 
 T = TypeVar("T")
 PROBE_TIMEOUT_S = 5.0
 WAIT_POLL_S = 0.25  # how often a create waiting for room asks again
-
-
-@contextmanager
-def translated(sandbox_id: str) -> Iterator[None]:
-    """Ray's errors become CaveErrors: a dead actor is a state error, a CaveError raised inside
-    the actor comes out as itself (Ray wraps it in RayTaskError)."""
-    try:
-        yield
-    except RayTaskError as exc:
-        if isinstance(exc.cause, CaveError):
-            raise exc.cause from None
-        raise SandboxError(f"sandbox {sandbox_id}: {exc.cause!r}") from exc
-    except RayActorError as exc:
-        raise SandboxStateError(f"sandbox {sandbox_id} is stopped or lost") from exc
-    except ActorUnavailableError as exc:  # restarting, or its node briefly unreachable
-        raise ServiceUnavailableError(
-            f"sandbox {sandbox_id}: an actor it needs is restarting; retry in a moment"
-        ) from exc
-    except (RaySystemError, GetTimeoutError) as exc:
-        raise SandboxError(f"sandbox {sandbox_id}: {exc}") from exc
 
 
 async def call(sandbox_id: str, ref: Awaitable[T]) -> T:

@@ -1,96 +1,56 @@
-"""Ray-side sandbox lifecycle for code in the cluster: create (warm pool), find, exec, stop."""
+"""The sandbox lifecycle for drivers and sync actors (`cave sandbox run`, benches, notebooks):
+the calls of actors/remote.py, which holds the one implementation, run to completion here."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
 
-from actors.directory import DIRECTORY_NAME, SandboxDirectory
+from actors import remote
+from actors.directory import DIRECTORY_NAME
+from actors.handles import choose_node, directory, translated, warm_pool
 from actors.isolation.results import ExecResult, ExecStarted, OutputChunk
 from actors.placement import DEFAULT_POOL
 from actors.sandbox_actor import ExecOutput, SandboxInfo
-from actors.warm_pool import NAMESPACE, WarmPool, pinned, pool_name
-from cave.errors import CapacityError, SandboxError, SandboxStateError
+from actors.warm_pool import NAMESPACE
+from cave.errors import SandboxError, SandboxNotFoundError
 from config.settings import LimitOverrides, Settings, resolve_limits
+
+__all__ = [  # the driver's API; the handles are here too, for callers that place sandboxes
+    "SandboxHandle",
+    "choose_node",
+    "create_sandbox",
+    "directory",
+    "get_sandbox",
+    "stop_all",
+    "stop_sandbox",
+    "warm_pool",
+]
+
+T = TypeVar("T")
+
+
+def _blocking(call: Coroutine[Any, Any, T]) -> T:
+    """Run one of remote's coroutines to its end. Inside a running event loop (an async actor,
+    a notebook) it runs on a thread of its own: this thread's loop must not be blocked on."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(call)
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, call).result()
 
 
 def _get(ref: Any) -> Any:
     """ray.get with its result typed Any: Ray's stubs can't say what a remote method returns."""
     return ray.get(ref)
-
-
-@contextmanager
-def _translated(sandbox_id: str) -> Iterator[None]:
-    """Ray's actor-death errors become ours at this boundary; CaveErrors pass through."""
-    try:
-        yield
-    except RayActorError as exc:
-        raise SandboxStateError(f"sandbox {sandbox_id} is stopped or lost") from exc
-
-
-def _cluster() -> str:
-    """Handles are cached per cluster: a driver may shut Ray down and connect to another."""
-    return str(ray.get_runtime_context().gcs_address)
-
-
-def directory() -> ActorHandle:
-    return _directory_of(_cluster())
-
-
-@cache
-def _directory_of(cluster: str) -> ActorHandle:
-    # cast: Ray's stubs type `.remote()` on an actor class as handle-or-class.
-    return cast(
-        ActorHandle,
-        SandboxDirectory.options(
-            name=DIRECTORY_NAME,
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-        ).remote(),
-    )
-
-
-def warm_pool(node_id: str, settings: Settings) -> ActorHandle:
-    """The node's pool, created with these settings by whoever asks first."""
-    return _pool_of(_cluster(), node_id, settings)
-
-
-@cache
-def _pool_of(cluster: str, node_id: str, settings: Settings) -> ActorHandle:
-    return cast(
-        ActorHandle,
-        WarmPool.options(
-            name=pool_name(node_id),
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-            **pinned(node_id),
-        ).remote(node_id, settings.isolation, settings.defaults, settings.pool.size_per_node),
-    )
-
-
-def choose_node(node_id: str | None = None) -> str:
-    """The given node if alive, else this driver's node when alive, else the first alive node."""
-    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    if node_id is not None:
-        if node_id not in alive:
-            raise CapacityError(f"node {node_id} is not an alive node of this cluster")
-        return node_id
-    here = ray.get_runtime_context().get_node_id()
-    if here in alive:
-        return here
-    if not alive:
-        raise CapacityError("the cluster has no alive node")
-    return alive[0]
 
 
 @dataclass
@@ -119,28 +79,27 @@ class SandboxHandle:
         return started.exec_id, items
 
     def _items(self, command: str | list[str], **kwargs: object) -> Iterator[Any]:
-        with _translated(self.id):
+        # Items one by one as the actor yields them: the sync twin of remote.stream.
+        with translated(self.id):
             refs: Iterator[Any] = self.actor.exec.remote(command, **kwargs)
             for ref in refs:
                 yield _get(ref)
 
     def write_stdin(self, exec_id: str, data: bytes) -> None:
         """Queue stdin for a running interactive exec (LimitExceededError past 1 MiB unread)."""
-        with _translated(self.id):
+        with translated(self.id):
             _get(self.actor.write_stdin.remote(exec_id, data))
 
     def close_stdin(self, exec_id: str) -> None:
-        with _translated(self.id):
+        with translated(self.id):
             _get(self.actor.close_stdin.remote(exec_id))
 
     def run(self, command: str | list[str], **kwargs: object) -> ExecOutput:
         """Run to completion in one actor call."""
-        with _translated(self.id):
-            output: ExecOutput = _get(self.actor.run.remote(command, **kwargs))
-            return output
+        return _blocking(remote.run(self.actor, self.id, command, **kwargs))
 
     def info(self) -> SandboxInfo:
-        with _translated(self.id):
+        with translated(self.id):
             info: SandboxInfo = _get(self.actor.info.remote())
             return info
 
@@ -159,38 +118,22 @@ def create_sandbox(
     or on `node_id` when one is named."""
     limits = resolve_limits(overrides, settings)  # bad limits fail before any actor is touched
     sandbox_id = sandbox_id or uuid.uuid4().hex
-    if node_id is None:
-        node: str | None = _get(
-            directory().reserve.remote(sandbox_id, pool, settings.placement.max_per_node)
-        )
-        if node is None:
-            raise CapacityError(f"no node of pool {pool!r} has room for another sandbox")
-    else:
-        node = choose_node(node_id)
-    try:
-        created: tuple[ActorHandle, SandboxInfo] = _get(
-            warm_pool(node, settings).create.remote(sandbox_id, limits, directory())
-        )
-    except BaseException:
-        _get(directory().release.remote(sandbox_id))
-        raise
-    return SandboxHandle(sandbox_id, node, created[0])
+    actor, info = _blocking(remote.create(sandbox_id, limits, settings, node_id, pool))
+    return SandboxHandle(sandbox_id, info.node_id, actor)
 
 
 def get_sandbox(sandbox_id: str) -> SandboxHandle:
-    entry: tuple[ActorHandle, str] = _get(directory().lookup.remote(sandbox_id))
+    with translated(sandbox_id):
+        entry: tuple[ActorHandle, str] = _get(directory().lookup.remote(sandbox_id))
     actor, node = entry
     return SandboxHandle(sandbox_id, node, actor)
 
 
 def stop_sandbox(sandbox_id: str) -> SandboxInfo:
     """Stop the sandbox, release everything it held, and end its actor."""
-    handle = get_sandbox(sandbox_id)
-    try:
-        info: SandboxInfo = _get(handle.actor.stop.remote())
-    finally:
-        _get(directory().remove.remote(sandbox_id))
-        ray.kill(handle.actor)
+    info = _blocking(remote.stop(sandbox_id, None))
+    if info is None:
+        raise SandboxNotFoundError(f"sandbox {sandbox_id} is stopped or unknown")
     return info
 
 
