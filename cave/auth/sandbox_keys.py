@@ -1,4 +1,4 @@
-"""A sandbox's own API key: bound to it, sealed at rest, revoked when it stops, renewed on start."""
+"""A sandbox's own API key: bound to it, shown once, revoked when it stops, renewed on start."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cave.auth.keys import KeyInfo, KeyService
-from cave.auth.sealing import seal, unseal
 from cave.db import ApiKeyRow, SandboxRow
 from cave.errors import NotFoundError
 
@@ -17,7 +16,7 @@ SANDBOX_SCOPES = ["sandboxes:read", "sandboxes:write"]
 def add_sandbox_key(
     keys: KeyService, session: AsyncSession, sandbox: SandboxRow, not_after: datetime | None = None
 ) -> tuple[ApiKeyRow, str]:
-    """A key bound to `sandbox`, added to the caller's transaction and sealed onto the row;
+    """A key bound to `sandbox`, added to the caller's transaction and named on the row;
     `not_after`: the creating key's expiry. Then `keys.record_created`."""
     key, plaintext = keys.add_key(
         session,
@@ -29,21 +28,21 @@ def add_sandbox_key(
         not_after=not_after,
     )
     sandbox.api_key_id = key.id
-    sandbox.sealed_api_key = seal(keys.settings.secret_key, plaintext, context=sandbox.id)
     return key, plaintext
 
 
 async def issue_sandbox_key(
     keys: KeyService, sandbox_id: str, namespace_id: str, actor: str = "system"
-) -> KeyInfo:
-    """Create the key and seal it onto the sandbox's row in one transaction: both or neither."""
+) -> tuple[KeyInfo, str]:
+    """Create the key and name it on the sandbox's row in one transaction: both or neither.
+    The plaintext is returned once, as when a sandbox is created."""
     async with keys.db.namespace_session(namespace_id) as session:
         sandbox = await session.get(SandboxRow, sandbox_id)
         if sandbox is None:
             raise NotFoundError(f"no sandbox {sandbox_id!r} in namespace {namespace_id!r}")
-        key, _ = add_sandbox_key(keys, session, sandbox)
+        key, plaintext = add_sandbox_key(keys, session, sandbox)
     await keys.record_created(key, actor)
-    return KeyInfo.of(key)
+    return KeyInfo.of(key), plaintext
 
 
 async def renew_sandbox_key(
@@ -65,12 +64,3 @@ async def renew_sandbox_key(
         key, plaintext = add_sandbox_key(keys, session, sandbox, not_after)
     await keys.record_created(key, actor)
     return plaintext
-
-
-async def reveal_sandbox_key(keys: KeyService, sandbox_id: str, namespace_id: str) -> str:
-    """The plaintext, for code inside the sandbox's namespace (e.g. to hand to the sandbox)."""
-    async with keys.db.namespace_session(namespace_id) as session:
-        row = await session.get(SandboxRow, sandbox_id)
-    if row is None or row.sealed_api_key is None:
-        raise NotFoundError(f"sandbox {sandbox_id!r} has no key in namespace {namespace_id!r}")
-    return unseal(keys.settings.secret_key, row.sealed_api_key, context=sandbox_id)

@@ -1,4 +1,4 @@
-"""AES-256-GCM sealing of secrets kept in the database (sandbox API keys), bound to their row."""
+"""AES-256-GCM sealing of secrets kept in the database (model signing keys), bound to their row."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
+from cave import __version__
 from cave.client._errors import (
     APIResponseError,
     ClientConfigError,
@@ -24,7 +25,6 @@ from cave.client._errors import (
     error_from_response,
     transport_error,
 )
-from cave import __version__
 from cave.client._models import ExecEvent, ExecResult, OutputChunk
 from cave.client._routes import CLIENT_TIMEOUT, Call
 

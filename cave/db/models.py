@@ -57,7 +57,7 @@ class NamespaceRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # The node pool (Ray node label `cave.pool`) its sandboxes go to; None: the default pool.
     pool: Mapped[str | None] = mapped_column(Text, default=None)
-    # An admin's quota overrides (deployments/quotas.py); None: the server's default.
+    # An admin's quota overrides (deployments/sandboxes/quotas.py); None: the server's default.
     quota_sandboxes: Mapped[int | None] = mapped_column(default=None)
     quota_memory_mb: Mapped[int | None] = mapped_column(BigInteger, default=None)
     quota_cpu: Mapped[float | None] = mapped_column(Float, default=None)
@@ -91,10 +91,9 @@ class SandboxRow(NamespaceOwned, Base):
     idle_timeout_s: Mapped[float | None] = mapped_column(Float)
     last_active_at: Mapped[datetime | None]  # written in batches, not per exec
     failure: Mapped[str | None] = mapped_column(Text)
-    # The sandbox's own API key: its id, and its plaintext sealed with CAVE_SECRET_KEY (AES-GCM,
-    # bound to this row's id). No foreign key: keys are revoked, never deleted.
+    # The sandbox's own API key (its plaintext is shown once, when made, and kept nowhere).
+    # No foreign key: keys are revoked, never deleted.
     api_key_id: Mapped[str | None] = mapped_column(Id)
-    sealed_api_key: Mapped[str | None] = mapped_column(Text)
     # What the actor that ran it reported: backend, guarantees, degraded (None: never started).
     isolation: Mapped[dict[str, Any] | None]
 
