@@ -14,11 +14,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cave.client import KEY_ENV, URL_ENV, Cave, CaveAPIError, InternalServerError
 from cave.errors import CaveError, ConfigError
 from cluster.cli.base import cave_home, verb
+
+if TYPE_CHECKING:  # the HTTP client loads when a command runs, not for `cave --help`
+    from cave.client import Cave, CaveAPIError
+
+URL_ENV, KEY_ENV = "CAVE_API_URL", "CAVE_API_KEY"  # the client's (tests/api/test_cli_api checks)
 
 API_FILE = "api.json"
 NO_API = f"no CAVE API known: pass --url, set ${URL_ENV}, or start one with `cave up`"
@@ -67,6 +71,8 @@ def _read_api_file(path: Path) -> dict[str, Any]:
 @contextmanager
 def api_client(args: argparse.Namespace) -> Iterator[Cave]:
     """A client for the command's API; its errors come out as CaveErrors for main() to print."""
+    from cave.client import Cave, CaveAPIError
+
     config = load_api_config(args.url, args.api_key)
     try:
         with Cave(config.url, config.api_key) as client:
@@ -77,6 +83,8 @@ def api_client(args: argparse.Namespace) -> Iterator[Cave]:
 
 def describe(exc: CaveAPIError) -> str:
     """The API's message (it names the fields of a validation error); a 5xx's request id."""
+    from cave.client import InternalServerError
+
     if isinstance(exc, InternalServerError) and exc.request_id:
         return f"{exc.message} (request id {exc.request_id})"
     return exc.message

@@ -11,7 +11,9 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import overload
 
 from cave.errors import CaveError, InvalidArgumentError
 
@@ -52,3 +54,28 @@ def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, str]:
             raise InvalidArgumentError(f"{flag} expects KEY=VALUE, got {pair!r}")
         parsed[key] = value
     return parsed
+
+
+class ClientValues(Sequence[str]):
+    """The strings of `cave.client.<name>` (SCOPES, SANDBOX_STATES), imported when argparse first
+    checks or lists one, so that building the parser (`cave --help`) imports no HTTP client.
+    An argument using it needs a metavar: argparse lists choices into the usage line otherwise."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    @cached_property
+    def _values(self) -> tuple[str, ...]:
+        import cave.client
+
+        return tuple(getattr(cave.client, self._name))
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._values[index]
+
+    def __len__(self) -> int:
+        return len(self._values)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from cave.client import SCOPES, ApiKey, CreatedApiKey
 from cluster.cli.api_config import add_json_flag, api_client, command, print_json, print_table, when
+from cluster.cli.base import ClientValues
+
+if TYPE_CHECKING:  # the HTTP client loads when a command runs, not for `cave --help`
+    from cave.client import ApiKey, CreatedApiKey
 
 HEADERS = ("ID", "NAME", "KIND", "NAMESPACE", "SCOPES", "STATUS", "EXPIRES")
 
@@ -36,9 +40,9 @@ def _add_create(parser: argparse.ArgumentParser) -> None:
         "--scope",
         action="append",
         default=[],
-        choices=SCOPES,
+        choices=ClientValues("SCOPES"),
         metavar="S",
-        help=f"a scope (repeatable): {', '.join(SCOPES)}",
+        help="a scope (repeatable): %(choices)s",
     )
     parser.add_argument("--name", default="", metavar="N", help="a name for people")
     parser.add_argument("--ttl-s", type=float, metavar="S", help="it expires this long from now")

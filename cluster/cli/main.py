@@ -9,8 +9,7 @@ import argparse
 import sys
 
 from cave import __version__
-from cave.audit import cli as audit_cli
-from cluster.cli import completion, keys_cmds, run, sandbox_cmds
+from cluster.cli import audit_cmds, completion, keys_cmds, run, sandbox_cmds
 from cluster.cli.base import as_cave_error, verb
 
 ERROR_EXIT_CODE = 2
@@ -50,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cmds.add_commands(keys.add_subparsers(metavar="VERB", required=True))
     audit = commands.add_parser("audit", help="check the audit log")
     audit_verbs = audit.add_subparsers(metavar="VERB", required=True)
-    verify = verb(audit_verbs, "verify", audit_cli.VERIFY_HELP, audit_cli.verify_command)
-    audit_cli.add_verify_arguments(verify)
+    verify = verb(audit_verbs, "verify", audit_cmds.VERIFY_HELP, audit_cmds.verify_command)
+    audit_cmds.add_verify_arguments(verify)
     shells = verb(commands, "completion", "print a shell completion script", _completion)
     shells.add_argument("shell", choices=completion.SHELLS, help="source <(cave completion bash)")
     return parser

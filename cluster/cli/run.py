@@ -10,17 +10,12 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from cave.errors import SandboxError
 from cluster.cli.base import as_cave_error, parse_pairs
-from config.settings import (
-    LimitOverrides,
-    SandboxLimits,
-    load_settings,
-    parse_overrides,
-    resolve_limits,
-)
 
-if TYPE_CHECKING:  # Ray and the sandbox code load when a command runs, not for `cave --help`
+if TYPE_CHECKING:  # Ray, the sandbox code and the settings load when a command runs, not for
+    # `cave --help`
     from actors.isolation.results import ExecResult
     from actors.sandboxes import SandboxHandle
+    from config.settings import LimitOverrides, SandboxLimits
 
 TIMEOUT_EXIT_CODE = 124
 LIMIT_FLAGS = {  # flag -> (LimitOverrides field, type, metavar, help)
@@ -67,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Parse and check everything first, so bad input fails before a sandbox exists."""
     from actors.sandboxes import create_sandbox
     from cluster.cli.session import connected
+    from config.settings import load_settings, parse_overrides, resolve_limits
 
     given = {dest: getattr(args, dest) for dest, *_ in LIMIT_FLAGS.values()}
     overrides, env = parse_overrides(**given), parse_pairs(args.env, "--env")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from cave.client import SANDBOX_STATES, ExecResult, OutputChunk, SandboxInfo, SandboxState
 from cave.errors import SandboxError
 from cluster.cli.api_config import (
     add_json_flag,
@@ -15,8 +15,11 @@ from cluster.cli.api_config import (
     print_table,
     when,
 )
-from cluster.cli.base import parse_pairs
+from cluster.cli.base import ClientValues, parse_pairs
 from cluster.cli.run import LIMIT_FLAGS, TIMEOUT_EXIT_CODE
+
+if TYPE_CHECKING:  # the HTTP client loads when a command runs, not for `cave --help`
+    from cave.client import ExecResult, SandboxInfo, SandboxState
 
 HEADERS = ("ID", "NAME", "NAMESPACE", "STATE", "CREATED")
 
@@ -57,7 +60,12 @@ def _add_create(parser: argparse.ArgumentParser) -> None:
 
 def _add_ls(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--state", choices=SANDBOX_STATES, help="only sandboxes in this state")
+    which.add_argument(
+        "--state",
+        choices=ClientValues("SANDBOX_STATES"),
+        metavar="STATE",
+        help="only sandboxes in this state: %(choices)s",
+    )
     which.add_argument("--all", action="store_true", help="sandboxes in every state")
     parser.add_argument("--name", metavar="N", help="only sandboxes with this name")
     parser.add_argument(
@@ -124,6 +132,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _exec(args: argparse.Namespace) -> int:
     """Output goes to our stdout and stderr as it comes; the command's exit code is ours."""
+    from cave.client import OutputChunk
+
     env = parse_pairs(args.env, "--env")
     stdin = sys.stdin.read() if args.stdin else None
     with api_client(args) as client:

@@ -185,3 +185,29 @@ def test_the_api_commands_work_without_ray_or_libseccomp(api_env: Any, argv: lis
         assert "complete -o default -F _cave_complete cave" in done.stdout
     else:
         assert isinstance(json.loads(done.stdout), list)  # what the API answered
+
+
+def test_building_the_parser_loads_no_client_no_pydantic_and_no_audit_code() -> None:
+    """`cave --help` costs the parser alone; the client and the audit code load with their verbs."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from cluster.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('cave.client', 'pydantic', 'cave.audit', 'httpx') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
+
+
+def test_the_cli_names_the_clients_variables_and_values() -> None:
+    import cave.client as sdk
+    from cave.audit import settings as audit_settings
+    from cluster.cli import api_config, audit_cmds
+    from cluster.cli.base import ClientValues
+
+    assert (api_config.URL_ENV, api_config.KEY_ENV) == (sdk.URL_ENV, sdk.KEY_ENV)
+    assert audit_cmds.KEY_VARIABLE == audit_settings.KEY_VARIABLE
+    assert list(ClientValues("SCOPES")) == list(sdk.SCOPES)
+    assert list(ClientValues("SANDBOX_STATES")) == list(sdk.SANDBOX_STATES)

@@ -1,15 +1,14 @@
-"""`cave audit verify FILE...`: its arguments and handler (wired into `cluster.cli.main`)."""
+"""`cave audit verify FILE...`: its arguments and handler (wired into `cluster.cli.main`).
+
+The audit code (and pydantic, under its settings) loads when the command runs, not for --help."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from cave.audit.files import log_files
-from cave.audit.settings import KEY_VARIABLE, key_from_env
-from cave.audit.verify import verify
-
 FAILED_EXIT_CODE = 1
+KEY_VARIABLE = "CAVE_AUDIT_LOG_HMAC_KEY"  # cave.audit.settings.KEY_VARIABLE (tests/audit check)
 VERIFY_HELP = "check the MACs, chain and sequence of audit log files"
 
 
@@ -36,6 +35,10 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def verify_command(args: argparse.Namespace) -> int:
     """Print `OK: N lines` (exit 0) or `FAIL: FILE:LINE: REASON` (exit 1)."""
+    from cave.audit.files import log_files
+    from cave.audit.settings import key_from_env
+    from cave.audit.verify import verify
+
     key = key_from_env()  # a ConfigError: the CLI prints it and exits 2
     result = verify(log_files(args.files), key, expect_last_seq=args.expect_last_seq)
     print(result)
