@@ -34,13 +34,13 @@ def prepare(workdir: str) -> dict[str, Any]:
 
 
 def serve_app(context: Mapping[str, Any]) -> Any:
-    from deployments.app import build_app
+    from deployments.http.app import build_app
 
     return build_app({"env": context["env"]})
 
 
 def asgi_app(context: Mapping[str, Any]) -> Any:
-    from deployments.app import create_api
+    from deployments.http.app import create_api
 
     return create_api(context["env"])
 

@@ -89,7 +89,7 @@ def deploy(paths: Paths) -> tuple[str, str]:
     from bench.api_ingress import _wait_direct_routing
     from bench.common import start_ray
     from cave.auth.bootstrap import create_admin_key
-    from deployments.app import APP_NAME, build_app
+    from deployments.http.app import APP_NAME, build_app
     from tests.inference.tiny_model import build_tiny_model
 
     start_ray()
@@ -278,8 +278,8 @@ def main() -> None:
 def run(url: str, admin_key: str) -> dict[str, list[float]]:
     from ray import serve
 
-    from deployments.app import APP_NAME
-    from deployments.llm_engine import engine_deployment_name
+    from deployments.http.app import APP_NAME
+    from deployments.llm.engine import engine_deployment_name
     from inference.llm_settings import MAX_PER_MINUTE
 
     with httpx.Client(base_url=url, timeout=120.0) as setup:

@@ -18,7 +18,7 @@ from ray import serve
 from cave.auth.bootstrap import create_admin_key
 from cave.errors import ConfigError
 from cluster.ingress import listen_ports
-from deployments.app import APP_NAME, build_app
+from deployments.http.app import APP_NAME, build_app
 
 API_FILE = "api.json"
 DEFAULT_PORT = 8000

@@ -1,8 +1,8 @@
 """The one interface every chat engine offers (CPU transformers, vLLM), and its request checks.
 
 The gateway speaks only these types; across a Serve handle they travel as plain dicts
-(`request_to_dict` / `request_from_dict`, `delta_to_dict` / `delta_from_dict`) so that a caller
-needs neither torch nor vLLM installed.
+(the gateway sends inference/openai_chat.py's `engine_request`, read by `request_from_dict`;
+`delta_to_dict` answers) so that a caller needs neither torch nor vLLM installed.
 """
 
 from __future__ import annotations
@@ -84,10 +84,6 @@ def _validate_stop(stop: list[str]) -> None:
         raise InvalidArgumentError(f"stop: each string must have 1 to {MAX_STOP_CHARS} characters")
 
 
-def request_to_dict(request: ChatRequest) -> dict[str, Any]:
-    return dataclasses.asdict(request)
-
-
 def request_from_dict(data: Mapping[str, Any]) -> ChatRequest:
     """Build and validate a request from its dict form; wrong shapes raise InvalidArgumentError.
 
@@ -126,7 +122,3 @@ def _typed(value: Any, kind: type | tuple[type, ...], name: str) -> Any:
 
 def delta_to_dict(delta: ChatDelta) -> dict[str, Any]:
     return dataclasses.asdict(delta)
-
-
-def delta_from_dict(data: Mapping[str, Any]) -> ChatDelta:
-    return ChatDelta(**data)

@@ -11,7 +11,7 @@ import pytest
 from cave.env import MAX_SECRET_FILE_BYTES, env_choice, env_secret
 from cave.errors import ConfigError
 from cluster.ingress import ingress_choice
-from deployments.exec_records import load_mode
+from deployments.sandboxes.exec_records import load_mode
 
 
 def test_a_choice_is_read_in_any_case_with_its_default() -> None:

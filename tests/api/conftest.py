@@ -58,7 +58,7 @@ def api_server(
     from ray import serve
 
     from cave.auth.bootstrap import create_admin_key
-    from deployments.app import APP_NAME, build_app
+    from deployments.http.app import APP_NAME, build_app
 
     port = listen_ports(1)[0]  # below the ephemeral range: nothing outgoing can take it
     root = tmp_path_factory.mktemp("api")

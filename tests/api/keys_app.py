@@ -13,9 +13,9 @@ import httpx
 from fastapi import FastAPI
 
 from cave.auth.bootstrap import create_admin_key
-from deployments.errors import RequestIdMiddleware, install_error_handlers
-from deployments.routes import keys
-from deployments.services import Services
+from deployments.http.errors import RequestIdMiddleware, install_error_handlers
+from deployments.http.routes import keys
+from deployments.http.services import Services
 
 WEBHOOK_SECRET = "test-webhook-secret"
 

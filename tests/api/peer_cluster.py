@@ -71,7 +71,7 @@ def _deploy(config_path: str) -> None:
     from ray import serve
 
     from actors.warm_pool import NAMESPACE
-    from deployments.app import build_app
+    from deployments.http.app import build_app
 
     config = json.loads(Path(config_path).read_text())
     ray.init(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deployments.exec_records import command_of
+from deployments.sandboxes.exec_records import command_of
 from tests.api.conftest import ApiServer
 from tests.api.test_records import query
 from tests.support import poll_until

@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ray import serve
 
-from deployments.app import APP_NAME
-from deployments.llm_engine import engine_deployment_name
+from deployments.http.app import APP_NAME
+from deployments.llm.engine import engine_deployment_name
 from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key
 from tests.api.test_chat import NAMESPACE
 from tests.support import poll_until

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.sandbox_ops import MAX_FILE_BYTES
+from deployments.sandboxes.ops import MAX_FILE_BYTES
 from tests.api.conftest import ApiServer
 
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from deployments.body_limit import MIB, RequestLimits
-from deployments.sandbox_ops import INLINE_OUTPUT_BYTES
+from deployments.http.body_limit import MIB, RequestLimits
+from deployments.sandboxes.ops import INLINE_OUTPUT_BYTES
 from tests.api.conftest import ApiServer
 from tests.api.test_errors import assert_error
 from tests.api.test_mcp import call, mcp_session

@@ -33,7 +33,7 @@ def two(api_server: ApiServer) -> Iterator[str]:
     """The base URL of the second app: two replicas, the session's database."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.http.app import build_app
 
     source = Path(api_server.env["BKG_DB_PATH"]).parent / "tiny"  # built by api_server
     assert (source / "config.json").is_file()

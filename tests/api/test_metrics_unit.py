@@ -16,7 +16,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from deployments.metrics import ApiMetrics, exec_outcome, install_metrics
+from deployments.http.metrics import ApiMetrics, install_metrics
+from deployments.sandboxes.views import exec_outcome
 
 pytestmark = pytest.mark.anyio
 
@@ -265,7 +266,7 @@ async def test_a_failing_sandbox_count_leaves_the_other_metrics_and_no_stale_gau
     assert sample(await scrape(client), "cave_sandboxes", state="running") == 4
 
     healthy = False
-    with caplog.at_level(logging.WARNING, logger="deployments.metrics"):
+    with caplog.at_level(logging.WARNING, logger="deployments.http.metrics"):
         samples = await scrape(client)
     assert sample(samples, "cave_sandboxes", state="running") is None
     assert sample(samples, "cave_sandbox_count_failures_total") == 1

@@ -38,7 +38,7 @@ def second_gateway(api_server: ApiServer) -> Iterator[str]:
     admin API's models from the table alone, like another replica or a restarted one."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.http.app import build_app
 
     serve.run(
         build_app({"env": api_server.env, "models": []}), name=TWO_APP, route_prefix=TWO_PREFIX

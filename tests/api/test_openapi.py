@@ -7,7 +7,7 @@ from pathlib import Path
 
 from openapi_spec_validator import validate
 
-from deployments.openapi import api_schema, render
+from deployments.http.openapi import api_schema, render
 
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 

@@ -53,7 +53,7 @@ def start(
     from ray import serve
 
     from cave.auth.bootstrap import create_admin_key
-    from deployments.app import build_app
+    from deployments.http.app import build_app
 
     state_dir = Path(api_server.env["CAVE_STATE_DIR"])
     env = {**api_env(root, state_dir), "CAVE_POOL_SIZE": "0", **env}

@@ -20,8 +20,8 @@ from ray import serve
 from cave.db import Database, NamespaceRow, SandboxRow
 from cave.errors import QuotaExceededError
 from config.settings import QuotaSettings, load_settings
-from deployments import quotas
-from deployments.app import APP_NAME, build_app
+from deployments.http.app import APP_NAME, build_app
+from deployments.sandboxes import quotas
 from tests.api.conftest import ApiServer
 from tests.db.conftest import anyio_backend, backend, db, pg_database, target  # noqa: F401
 from tests.support import poll_until

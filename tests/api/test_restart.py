@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ray import serve
 
-from deployments.app import APP_NAME, build_app
+from deployments.http.app import APP_NAME, build_app
 from tests.api.conftest import ApiServer
 from tests.support import poll_until
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import build_app
+from deployments.http.app import build_app
 
 CONFIG = Path(__file__).parents[2] / "config" / "serve.yaml"
 
@@ -16,7 +16,7 @@ CONFIG = Path(__file__).parents[2] / "config" / "serve.yaml"
 def test_the_config_validates_and_its_app_builds() -> None:
     config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
     (app,) = config.applications
-    assert app.import_path == "deployments.app:build_app"
+    assert app.import_path == "deployments.http.app:build_app"
     assert build_app(app.args) is not None
 
 

@@ -19,15 +19,14 @@ from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from deployments.tracing import (
+from deployments.http.tracing import (
     DEFAULT_SAMPLING_RATE,
-    current_trace_id,
     install_tracing,
     load_sampling_rate,
     select_exporter,
     setup_tracing,
-    span,
 )
+from deployments.spans import current_trace_id, span
 
 pytestmark = pytest.mark.anyio
 
@@ -293,17 +292,17 @@ def test_sampling_rate_is_clamped_to_a_fraction_with_a_warning(
 ) -> None:
     env = {} if raw is None else {"CAVE_OTEL_SAMPLING_RATE": raw}
 
-    with caplog.at_level(logging.WARNING, logger="deployments.tracing"):
+    with caplog.at_level(logging.WARNING, logger="deployments.http.tracing"):
         assert load_sampling_rate(env) == expected
 
-    warnings = [r for r in caplog.records if r.name == "deployments.tracing"]
+    warnings = [r for r in caplog.records if r.name == "deployments.http.tracing"]
     assert bool(warnings) is warned
     if warned:
         assert "CAVE_OTEL_SAMPLING_RATE" in warnings[0].getMessage()
 
 
 def test_no_exporter_without_an_otlp_endpoint(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="deployments.tracing"):
+    with caplog.at_level(logging.WARNING, logger="deployments.http.tracing"):
         assert select_exporter({}) is None
     assert caplog.records == []
 
@@ -317,7 +316,7 @@ def test_an_otlp_endpoint_gets_an_exporter_when_the_package_is_installed(
     except ModuleNotFoundError:  # a parent package is missing
         installed = False
 
-    with caplog.at_level(logging.WARNING, logger="deployments.tracing"):
+    with caplog.at_level(logging.WARNING, logger="deployments.http.tracing"):
         exporter = select_exporter(env)
 
     if installed:

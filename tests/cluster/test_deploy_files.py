@@ -129,7 +129,7 @@ def test_production_serve_configs_are_config_serve_yaml_in_substance(
         (app,) = config["applications"]
         assert (app["name"], app["import_path"], app["route_prefix"]) == (
             base_app["name"],
-            "deployments.app:build_app",
+            "deployments.http.app:build_app",
             base_app["route_prefix"],
         ), name
         assert config["http_options"] == base["http_options"], name

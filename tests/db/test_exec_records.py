@@ -1,6 +1,6 @@
-"""Exec records (deployments/exec_records.py) on SQLite and PostgreSQL: an argv that is not
-UTF-8 is stored losslessly, one bad record never rolls back the others, and no exec loses its
-audit event."""
+"""Exec records (deployments/sandboxes/exec_records.py) on SQLite and PostgreSQL: an argv that
+is not UTF-8 is stored losslessly, one bad record never rolls back the others, and no exec loses
+its audit event."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from cave.audit.event import AuditEvent
 from cave.audit.trail import AuditTrail
 from cave.auth.bootstrap import create_admin_key
 from cave.db import Database, ExecutionRow, NamespaceRow, SandboxRow, new_id, utcnow
-from deployments.exec_records import ExecRecorder, command_of, stored_command
+from deployments.http.services import Services
+from deployments.sandboxes.exec_records import ExecRecorder, command_of, stored_command
 from deployments.schemas import CreateSandboxRequest, ExecRequest
-from deployments.services import Services
 from tests.db.conftest import Target
 
 # A non-UTF-8 byte as Python and our JSON carry it (surrogateescape): "\udcff" is the byte 0xff.

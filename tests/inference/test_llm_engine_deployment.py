@@ -11,7 +11,7 @@ import pytest
 from ray import serve
 
 from cave.errors import InvalidArgumentError
-from deployments.llm_engine import build_engine_app, engine_deployment_name
+from deployments.llm.engine import build_engine_app, engine_deployment_name
 from inference.cpu_engine import CpuEngine
 from inference.engine import request_from_dict
 from inference.registry import ModelSpec

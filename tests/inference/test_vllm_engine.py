@@ -11,7 +11,7 @@ import pytest
 from ray import serve
 
 from cave.errors import InferenceUnavailableError
-from deployments.llm_engine import ModelEngine, engine_deployment_name
+from deployments.llm.engine import ModelEngine, engine_deployment_name
 from inference.engine import ChatDelta, ChatMessage, ChatRequest
 from inference.registry import ModelSpec
 from inference.vllm_engine import (

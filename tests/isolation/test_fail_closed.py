@@ -52,7 +52,7 @@ from actors.warm_pool import PoolService
 from cave.db import SandboxRow
 from cave.errors import IsolationUnavailableError
 from config.settings import SandboxLimits, load_settings
-from deployments.sandbox_views import sandbox_out
+from deployments.sandboxes.views import sandbox_out
 
 scenario, env = json.loads(sys.argv[1])
 warnings = []

@@ -69,7 +69,7 @@ def multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
     from ray.cluster_utils import Cluster
 
     from cave.auth.bootstrap import create_admin_key
-    from deployments.app import APP_NAME, build_app
+    from deployments.http.app import APP_NAME, build_app
 
     state_dir = Path(f"/run/cave-multinode-{os.getpid()}")
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ def api_replicas() -> set[str]:
 def test_a_rolling_redeploy_of_the_api_keeps_sandboxes_alive(multinode: MultiNode) -> None:
     from ray import serve
 
-    from deployments.app import APP_NAME, build_app
+    from deployments.http.app import APP_NAME, build_app
 
     with multinode.client() as client:
         sandbox = create(client).json()

@@ -33,7 +33,7 @@ autoscaled. */}}
 {{- $app := dict
     "name" "cave"
     "route_prefix" "/"
-    "import_path" "deployments.app:build_app"
+    "import_path" "deployments.http.app:build_app"
     "args" $args
     "deployments" (list $ingress) -}}
 {{- $config := dict
