@@ -85,7 +85,11 @@ dist: install ## Build the server's and the client's sdists and wheels into dist
 	$(BIN)/python clients/python/build.py dist
 
 api-schema: install ## Write docs/openapi.json from the app (test_openapi fails when it is stale)
-	$(BIN)/python -m deployments.openapi docs/openapi.json
+	$(BIN)/python -m deployments.http.openapi docs/openapi.json
+
+.PHONY: config-docs
+config-docs: install ## Write the settings reference of docs/configuration.md from the settings' fields
+	$(BIN)/python -m config.docs docs/configuration.md
 
 clean: ## Remove caches and build leftovers (keeps .venv)
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

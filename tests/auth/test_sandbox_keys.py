@@ -1,4 +1,4 @@
-"""Sandbox keys: shown once and kept nowhere, usable, seen only by their namespace, masked in lists."""
+"""Sandbox keys: shown once, kept nowhere, usable, seen only by their namespace, masked in lists."""
 
 from __future__ import annotations
 
