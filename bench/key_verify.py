@@ -21,7 +21,11 @@ async def main() -> None:
         db = await Database.connect(load_database_settings({"BKG_DB_PATH": str(Path(tmp, "b.db"))}))
         keys = KeyService(
             db,
-            AuthSettings(False, secrets.token_bytes(32), secrets.token_bytes(32), None, None, 3600),
+            AuthSettings(
+                key_pepper=secrets.token_bytes(32),
+                secret_key=secrets.token_bytes(32),
+                rotation_grace_s=3600,
+            ),
         )
         _, plaintext = await keys.create("admin", None, [])
         rows = {}

@@ -278,9 +278,9 @@ def main() -> None:
 def run(url: str, admin_key: str) -> dict[str, list[float]]:
     from ray import serve
 
+    from config.llm import MAX_PER_MINUTE
     from deployments.http.app import APP_NAME
     from deployments.llm.engine import engine_deployment_name
-    from inference.llm_settings import MAX_PER_MINUTE
 
     with httpx.Client(base_url=url, timeout=120.0) as setup:
         token = model_key(setup, admin_key, 0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import jwt
 
 from cave.db import Database, load_database_settings, new_id
-from inference.llm_settings import LlmSettings
+from config.llm import LlmSettings
 from inference.revocation import RevocationCache
 from inference.signing_keys import SigningKeys
 from inference.tokens import TokenSigner, TokenVerifier

@@ -1,13 +1,15 @@
-"""Typed CAVE settings (sandbox limits, isolation, pool), read from TOML and CAVE_* variables."""
+"""Typed CAVE settings (sandbox limits, isolation, pool), read from TOML and CAVE_* variables.
+
+Each field declares its variable (cave/settings_env.py); the shipped TOML file gives the defaults,
+and a variable, when set, wins over the file."""
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, Self, get_args
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -19,8 +21,17 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from cave.env import parse_bool, parse_choice
 from cave.errors import ConfigError, InvalidArgumentError, LimitExceededError
+from cave.settings_env import (
+    Declared,
+    Sources,
+    declared,
+    describe,
+    env_field,
+    env_prefix,
+    is_production,
+    read_env,
+)
 
 DEFAULT_TOML_PATH = Path(__file__).parent / "sandbox_config.toml"
 
@@ -35,12 +46,14 @@ Backend = Literal["auto", "builtin", "bwrap", "none"]
 class SandboxLimits(BaseModel, frozen=True, extra="forbid"):
     """Resource limits of one sandbox: memory and disk in MiB, times in seconds."""
 
-    memory_mb: PositiveInt
-    pids: PositiveInt
-    cpu: PositiveFloat
-    disk_mb: PositiveInt
-    timeout_s: PositiveFloat
-    output_bytes: PositiveInt
+    memory_mb: PositiveInt = Field(description="Memory limit in MiB (cgroup `memory.max`)")
+    pids: PositiveInt = Field(description="Most processes and threads at once (cgroup `pids.max`)")
+    cpu: PositiveFloat = Field(
+        description="CPUs' worth of time, may be fractional (cgroup `cpu.max`)"
+    )
+    disk_mb: PositiveInt = Field(description="Writable workspace size in MiB")
+    timeout_s: PositiveFloat = Field(description="Wall-clock seconds before a command is killed")
+    output_bytes: PositiveInt = Field(description="Bytes of stdout and stderr kept per command")
 
     @property
     def memory_bytes(self) -> int:
@@ -65,16 +78,54 @@ class LimitOverrides(BaseModel, frozen=True, extra="forbid"):
 class IsolationSettings(BaseModel, frozen=True, extra="forbid"):
     """How a node isolates its sandboxes."""
 
-    # CAVE_ENV=production: refuse to run sandboxes with less than namespaces + seccomp + cgroups.
-    # Declared first so that the backend's validator sees it.
+    # CAVE_ENV=production (cave.settings_env.CaveEnvironment): refuse to run sandboxes with less
+    # than namespaces + seccomp + cgroups. Declared first so that the backend's validator sees it.
     production: bool = False
-    backend: Backend
-    bwrap_path: str | None = None
-    cgroup_root: str
-    no_fallback: bool
-    state_dir: Path
-    rootfs: Path | None
-    sandbox_uid: int = Field(gt=0, le=_MAX_UID)
+    backend: Backend = env_field(
+        "CAVE_ISOLATION_BACKEND",
+        description=(
+            "`builtin` (namespaces, cgroups, seccomp done by CAVE), `bwrap` (bubblewrap), "
+            "`none` (no isolation; development only, refused in production), or `auto` (the "
+            "strongest one that works on the node)"
+        ),
+    )
+    bwrap_path: str | None = env_field(
+        "CAVE_BWRAP_PATH",
+        None,
+        shown_default="empty",
+        description="Path of `bwrap`; empty looks it up on `PATH`",
+    )
+    cgroup_root: str = env_field(
+        "CAVE_CGROUP_ROOT",
+        accepts="a relative cgroup path",
+        description=(
+            "cgroup v2 path the sandboxes' cgroups are created under; no leading `/`, no `..`"
+        ),
+    )
+    no_fallback: bool = env_field(
+        "CAVE_ISOLATION_NO_FALLBACK",
+        description=(
+            "`true`: fail with `IsolationUnavailableError` rather than fall back to a weaker "
+            "backend. `CAVE_ENV=production` always refuses, whatever this says"
+        ),
+    )
+    state_dir: Path = env_field(
+        "CAVE_STATE_DIR",
+        accepts="an absolute path",
+        description="Where a node keeps sandbox workspaces and runtime state",
+    )
+    rootfs: Path | None = env_field(
+        "CAVE_ROOTFS",
+        accepts="an absolute path, or empty",
+        shown_default="empty",
+        description=("A root filesystem for sandboxes; empty composes one from the host's `/usr`"),
+    )
+    sandbox_uid: int = env_field(
+        "CAVE_SANDBOX_UID",
+        gt=0,
+        le=_MAX_UID,
+        description="Host uid a sandbox's processes run as",
+    )
 
     @field_validator("bwrap_path", "rootfs", mode="before")
     @classmethod
@@ -109,33 +160,85 @@ class IsolationSettings(BaseModel, frozen=True, extra="forbid"):
 class PoolSettings(BaseModel, frozen=True, extra="forbid"):
     """Warm sandboxes kept ready on each node."""
 
-    size_per_node: int = Field(ge=0)
+    size_per_node: int = env_field(
+        "CAVE_POOL_SIZE",
+        ge=0,
+        description="Sandboxes kept started and ready on each node; 0 disables the pool",
+    )
 
 
 class PlacementSettings(BaseModel, frozen=True, extra="forbid"):
     """Where sandboxes go: see docs/placement.md."""
 
-    # Most sandboxes on a node that does not say itself (its `cave_sandbox` resource amount).
-    max_per_node: int = Field(ge=1)
-    # Longest a create may wait for room (`wait_s`) while the autoscaler adds a node.
-    max_wait_s: float = Field(ge=0, le=3600)
-    # Pools only an admin key may place sandboxes in (node label `cave.pool`).
-    restricted_pools: tuple[str, ...] = ("trusted",)
-    # A node takes sandboxes whose memory limits add up to at most its Ray `memory` resource
-    # times this: limits are ceilings that most sandboxes never reach (docs/placement.md).
-    memory_overcommit: float = Field(2.0, gt=0, le=100)
+    max_per_node: int = env_field(
+        "CAVE_MAX_SANDBOXES_PER_NODE",
+        ge=1,
+        description=(
+            "Most sandboxes on a node that does not declare its own number (its `cave_sandbox` "
+            "resource); see placement.md"
+        ),
+    )
+    max_wait_s: float = env_field(
+        "CAVE_PLACEMENT_MAX_WAIT_S",
+        ge=0,
+        le=3600,
+        description=(
+            "The most a create's `wait_s` may ask for (waiting for room while the autoscaler "
+            "adds a node)"
+        ),
+    )
+    restricted_pools: tuple[str, ...] = Field(
+        ("trusted",),
+        description="Node pools (label `cave.pool`) that take sandboxes of admin keys only",
+    )
+    # Limits are ceilings that most sandboxes never reach (docs/placement.md).
+    memory_overcommit: float = env_field(
+        "CAVE_MEMORY_OVERCOMMIT",
+        2.0,
+        gt=0,
+        le=100,
+        description=(
+            "A node takes sandboxes whose memory limits add up to its Ray `memory` resource "
+            "x this; see placement.md"
+        ),
+    )
 
 
 class QuotaSettings(BaseModel, frozen=True, extra="forbid"):
     """Per-namespace defaults (an admin overrides them per namespace), see docs/sandboxes.md."""
 
-    sandboxes: int = Field(32, ge=0)  # sandboxes created and not yet stopped
-    memory_mb: int = Field(32768, ge=0)  # their memory limits added up
-    cpu: float = Field(32.0, ge=0, allow_inf_nan=False)  # their CPU limits added up
-    concurrent_execs: int = Field(64, ge=0)  # execs running at once, counted by each replica
-    # A sandbox created without ttl_s / idle_timeout_s gets these; 0: none.
-    default_ttl_s: float = Field(3600.0, ge=0, le=30 * 86400)
-    default_idle_timeout_s: float = Field(900.0, ge=0, le=30 * 86400)
+    sandboxes: int = env_field(
+        "CAVE_QUOTA_SANDBOXES",
+        32,
+        ge=0,
+        description="Sandboxes created and not yet stopped; see sandboxes.md",
+    )
+    memory_mb: int = env_field(
+        "CAVE_QUOTA_MEMORY_MB", 32768, ge=0, description="Their memory limits added up (MiB)"
+    )
+    cpu: float = env_field(
+        "CAVE_QUOTA_CPU", 32.0, ge=0, allow_inf_nan=False, description="Their CPU limits added up"
+    )
+    concurrent_execs: int = env_field(
+        "CAVE_QUOTA_CONCURRENT_EXECS",
+        64,
+        ge=0,
+        description="Execs running at once, counted by each API replica",
+    )
+    default_ttl_s: float = env_field(
+        "CAVE_DEFAULT_TTL_S",
+        3600.0,
+        ge=0,
+        le=30 * 86400,
+        description="ttl of a sandbox created without one; 0: none",
+    )
+    default_idle_timeout_s: float = env_field(
+        "CAVE_DEFAULT_IDLE_TIMEOUT_S",
+        900.0,
+        ge=0,
+        le=30 * 86400,
+        description="Idle timeout of a sandbox created without one; 0: none",
+    )
 
 
 class _AboveMaximumError(ValueError):
@@ -149,12 +252,20 @@ class _AboveMaximumError(ValueError):
 class Settings(BaseModel, frozen=True, extra="forbid"):
     """Everything configurable about sandboxes; built once at the entry point and passed down."""
 
-    defaults: SandboxLimits
-    maximum: SandboxLimits
-    isolation: IsolationSettings
-    pool: PoolSettings
-    placement: PlacementSettings
-    quotas: QuotaSettings = QuotaSettings()
+    defaults: SandboxLimits = env_prefix(
+        "CAVE_DEFAULT_",
+        title="Sandbox limits: defaults",
+        description="Limits a sandbox gets when the caller asks for nothing else.",
+    )
+    maximum: SandboxLimits = env_prefix(
+        "CAVE_MAX_",
+        title="Sandbox limits: maximum",
+        description="Ceilings: a caller may raise a limit up to these, never above.",
+    )
+    isolation: IsolationSettings = Field(title="Isolation")
+    pool: PoolSettings = Field(title="Warm pool")
+    placement: PlacementSettings = Field(title="Placement")
+    quotas: QuotaSettings = Field(QuotaSettings(), title="Namespace quotas")
 
     @model_validator(mode="after")
     def _defaults_within_maximum(self) -> Self:
@@ -165,101 +276,19 @@ class Settings(BaseModel, frozen=True, extra="forbid"):
         return self
 
 
-def _integer(raw: str) -> int | None:
-    try:
-        return int(raw)
-    except ValueError:
-        return None
-
-
-def _positive_int(raw: str) -> int:
-    value = _integer(raw)
-    if value is None or value <= 0:
-        raise ValueError("expected a positive integer")
-    return value
-
-
-def _non_negative_int(raw: str) -> int:
-    value = _integer(raw)
-    if value is None or value < 0:
-        raise ValueError("expected a non-negative integer")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError("expected a positive number")
-    return value
-
-
-def _non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError("expected a non-negative number")
-    return value
-
-
-def _backend(raw: str) -> str:
-    return parse_choice(raw, get_args(Backend))
-
-
-def _is_production(raw: str) -> bool:
-    return raw.strip().lower() == "production"  # as cave/auth/settings.py reads CAVE_ENV
-
-
-_LIMIT_PARSERS: dict[str, Callable[[str], object]] = {
-    "memory_mb": _positive_int,
-    "pids": _positive_int,
-    "cpu": _positive_float,
-    "disk_mb": _positive_int,
-    "timeout_s": _positive_float,
-    "output_bytes": _positive_int,
-}
-
-# variable -> (TOML section, key, parser); strings and paths are checked by the models.
-ENV_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
-    **{f"CAVE_DEFAULT_{k.upper()}": ("defaults", k, p) for k, p in _LIMIT_PARSERS.items()},
-    **{f"CAVE_MAX_{k.upper()}": ("maximum", k, p) for k, p in _LIMIT_PARSERS.items()},
-    "CAVE_ENV": ("isolation", "production", _is_production),
-    "CAVE_ISOLATION_BACKEND": ("isolation", "backend", _backend),
-    "CAVE_BWRAP_PATH": ("isolation", "bwrap_path", str),
-    "CAVE_CGROUP_ROOT": ("isolation", "cgroup_root", str),
-    "CAVE_ISOLATION_NO_FALLBACK": ("isolation", "no_fallback", parse_bool),
-    "CAVE_STATE_DIR": ("isolation", "state_dir", str),
-    "CAVE_ROOTFS": ("isolation", "rootfs", str),
-    "CAVE_SANDBOX_UID": ("isolation", "sandbox_uid", _positive_int),
-    "CAVE_POOL_SIZE": ("pool", "size_per_node", _non_negative_int),
-    "CAVE_MAX_SANDBOXES_PER_NODE": ("placement", "max_per_node", _positive_int),
-    "CAVE_PLACEMENT_MAX_WAIT_S": ("placement", "max_wait_s", _positive_float),
-    "CAVE_MEMORY_OVERCOMMIT": ("placement", "memory_overcommit", _positive_float),
-    "CAVE_QUOTA_SANDBOXES": ("quotas", "sandboxes", _non_negative_int),
-    "CAVE_QUOTA_MEMORY_MB": ("quotas", "memory_mb", _non_negative_int),
-    "CAVE_QUOTA_CPU": ("quotas", "cpu", _non_negative_float),
-    "CAVE_QUOTA_CONCURRENT_EXECS": ("quotas", "concurrent_execs", _non_negative_int),
-    "CAVE_DEFAULT_TTL_S": ("quotas", "default_ttl_s", _non_negative_float),
-    "CAVE_DEFAULT_IDLE_TIMEOUT_S": ("quotas", "default_idle_timeout_s", _non_negative_float),
-}
-
-# (section, key) -> (variable, raw value) for every setting taken from the environment
-_Sources = dict[tuple[str, str], tuple[str, str]]
-
-
 def load_settings(env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
     """Read the TOML file, apply CAVE_* overrides from `env` (default os.environ), validate."""
     path = DEFAULT_TOML_PATH if toml_path is None else toml_path
-    raw = _read_toml(path)
-    sources = _apply_env(raw, os.environ if env is None else env)
+    env = os.environ if env is None else env
+    values, sources = read_env(Settings, env, base=_read_toml(path))
+    if "CAVE_ENV" in env:
+        values.setdefault("isolation", {})["production"] = is_production(env)
+        sources[("isolation", "production")] = ("CAVE_ENV", env["CAVE_ENV"])
     try:
-        return Settings.model_validate(raw)
+        return Settings.model_validate(values)
     except ValidationError as exc:
-        problems = [_describe(error, path, sources) for error in exc.errors()]
+        by_loc = {item.loc: item for item in declared(Settings)}
+        problems = [_describe(error, path, sources, by_loc) for error in exc.errors()]
         raise ConfigError("; ".join(problems)) from None
 
 
@@ -277,21 +306,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> _Sources:
-    sources: _Sources = {}
-    for variable, (section, key, parse) in ENV_VARIABLES.items():
-        if variable not in env:
-            continue
-        try:
-            value = parse(env[variable])
-        except ValueError as exc:
-            raise ConfigError(f"{variable}={env[variable]!r}: {exc}") from None
-        raw.setdefault(section, {})[key] = value
-        sources[(section, key)] = (variable, env[variable])
-    return sources
-
-
-def _describe(error: ErrorDetails, path: Path, sources: _Sources) -> str:
+def _describe(
+    error: ErrorDetails, path: Path, sources: Sources, by_loc: dict[tuple[str, ...], Declared]
+) -> str:
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, _AboveMaximumError):
         default = _origin(("defaults", cause.key), path, sources)
@@ -300,12 +317,7 @@ def _describe(error: ErrorDetails, path: Path, sources: _Sources) -> str:
             f"default {cause.key}={cause.default} ({default}) "
             f"is above its maximum {cause.maximum} ({maximum})"
         )
-    loc = tuple(str(part) for part in error["loc"])
-    if loc[:2] in sources:
-        variable, value = sources[(loc[0], loc[1])]
-        return f"{variable}={value!r}: {_message(error)}"
-    shown = "" if error["type"] == "missing" else f"={error['input']!r}"
-    return f"{path}: {'.'.join(loc)}{shown}: {_message(error)}"
+    return describe(error, sources, by_loc, origin=str(path))
 
 
 def _message(error: ErrorDetails) -> str:
@@ -314,7 +326,7 @@ def _message(error: ErrorDetails) -> str:
     return str(cause) if isinstance(cause, ValueError) else error["msg"]
 
 
-def _origin(field: tuple[str, str], path: Path, sources: _Sources) -> str:
+def _origin(field: tuple[str, ...], path: Path, sources: Sources) -> str:
     if field in sources:
         return sources[field][0]
     return f"{field[0]}.{field[1]} in {path}"

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from cave.db import Database, ModelAccessTokenRow, utcnow
 from cave.errors import RevocationsStaleError
-from inference.llm_settings import MAX_LEEWAY_S
+from config.llm import MAX_LEEWAY_S
 
 log = logging.getLogger(__name__)
 

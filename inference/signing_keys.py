@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cave.auth.sealing import check_key, seal, unseal
 from cave.db import Database, SigningKeyRow, new_id, utcnow
 from cave.errors import ConfigError, InvalidArgumentError, ServiceUnavailableError
-from inference.llm_settings import LlmSettings
+from config.llm import LlmSettings
 
 log = logging.getLogger(__name__)
 

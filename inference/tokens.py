@@ -36,7 +36,7 @@ from cave.errors import (
     TokenExpiredError,
     TokenRevokedError,
 )
-from inference.llm_settings import MAX_PER_MINUTE, LlmSettings
+from config.llm import MAX_PER_MINUTE, LlmSettings
 from inference.revocation import RevocationCache
 from inference.signing_keys import ALGORITHM, SigningKeys, parse_jwks
 

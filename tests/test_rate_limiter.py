@@ -10,8 +10,8 @@ from fastapi import FastAPI
 
 from actors.rate_limiter import WINDOW_S, RateLimitService
 from cave.errors import ConfigError, QuotaExceededError, RateLimitedError
+from config.llm import DEFAULT_RPM, DEFAULT_TPM, load_llm_settings
 from deployments.http.errors import install_error_handlers
-from inference.llm_settings import DEFAULT_RPM, DEFAULT_TPM, load_llm_settings
 
 
 class Clock:

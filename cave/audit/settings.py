@@ -7,14 +7,15 @@ import binascii
 import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
-from pydantic import BaseModel, Field, SecretBytes, ValidationError, field_validator
+from pydantic import BaseModel, SecretBytes, field_validator
 
-from cave.env import env_secret, parse_bool, parse_choice
+from cave.env import env_secret
 from cave.errors import ConfigError
+from cave.settings_env import env_field, is_production, read_env, validate
 
 log = logging.getLogger("cave.audit")
 
@@ -29,14 +30,63 @@ FsyncPolicy = Literal["batch", "always", "never"]
 class AuditSettings(BaseModel, frozen=True, extra="forbid"):
     """Where and how the JSONL audit log is written; built once by `load_audit_settings`."""
 
-    enabled: bool = False
-    path: Path = DEFAULT_PATH
-    hmac_key: SecretBytes | None = None
+    enabled: bool = env_field(
+        "CAVE_AUDIT_LOG_ENABLED",
+        False,
+        description="Write the signed JSONL audit log (see audit.md)",
+    )
+    path: Path = env_field(
+        "CAVE_AUDIT_LOG_PATH",
+        DEFAULT_PATH,
+        description=(
+            "The live file (each API replica writes its own `<stem>.<replica>.jsonl` beside "
+            "it); made absolute against the working directory at load time"
+        ),
+    )
+    hmac_key: SecretBytes | None = env_field(
+        KEY_VARIABLE,
+        None,
+        secret_file=True,
+        text=True,
+        accepts=f"base64 (padding optional), at least {MIN_KEY_BYTES} bytes",
+        shown_default="unset (development: a key of the process, unverifiable later)",
+        description=(
+            "The HMAC key of the log's chain, base64 without padding (32 bytes recommended); "
+            "a malformed key stops start-up even with the log off; verifying the log needs it"
+        ),
+    )
     ephemeral_key: bool = False  # hmac_key was made up for this process: unverifiable later
-    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
-    fsync: FsyncPolicy = "batch"
-    fsync_interval_ms: int = Field(default=10, ge=0)
-    scrub: bool = False
+    max_bytes: int = env_field(
+        "CAVE_AUDIT_LOG_MAX_BYTES",
+        DEFAULT_MAX_BYTES,
+        gt=0,
+        description="Rotate the live file once it reaches this size (bytes)",
+    )
+    fsync: FsyncPolicy = env_field(
+        "CAVE_AUDIT_LOG_FSYNC",
+        "batch",
+        description=(
+            "`batch`: group commit; `always`: one write and fsync per line; `never`: no fsync "
+            "(lines reach the OS every interval)"
+        ),
+    )
+    fsync_interval_ms: int = env_field(
+        "CAVE_AUDIT_LOG_FSYNC_INTERVAL_MS",
+        10,
+        ge=0,
+        description=(
+            "Under `batch`, the longest the flusher lingers for more lines before an fsync; "
+            "under `never`, how often lines are written to the OS; 0: no lingering"
+        ),
+    )
+    scrub: bool = env_field(
+        "BKG_SCRUB_LOGS",
+        False,
+        description=(
+            "Mask personal data and secrets in audit `details` and `target` (and in log "
+            "records, through `ScrubFilter`)"
+        ),
+    )
 
     @field_validator("hmac_key")
     @classmethod
@@ -78,66 +128,23 @@ def key_from_env(env: Mapping[str, str] | None = None) -> bytes:
     return decode_hmac_key(raw)
 
 
-def _integer(minimum: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise ValueError(f"expected an integer >= {minimum}")
-        return value
-
-    return parse
-
-
-def _policy(raw: str) -> str:
-    return parse_choice(raw, get_args(FsyncPolicy))
-
-
-def _path(raw: str) -> Path:
-    if not raw.strip():
-        raise ValueError("expected a file path")
-    return Path(raw)
-
-
-# variable -> (field, parser); the key is read apart because it is a secret.
-ENV_VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
-    "CAVE_AUDIT_LOG_ENABLED": ("enabled", parse_bool),
-    "CAVE_AUDIT_LOG_PATH": ("path", _path),
-    "CAVE_AUDIT_LOG_MAX_BYTES": ("max_bytes", _integer(1)),
-    "CAVE_AUDIT_LOG_FSYNC": ("fsync", _policy),
-    "CAVE_AUDIT_LOG_FSYNC_INTERVAL_MS": ("fsync_interval_ms", _integer(0)),
-    "BKG_SCRUB_LOGS": ("scrub", parse_bool),
-}
-
-
 def load_audit_settings(env: Mapping[str, str] | None = None) -> AuditSettings:
     """Read the audit settings from `env` (default os.environ); a bad value is a ConfigError."""
     env = os.environ if env is None else env
-    values: dict[str, object] = {}
-    for variable, (field, parse) in ENV_VARIABLES.items():
-        if variable in env:
-            try:
-                values[field] = parse(env[variable])
-            except ValueError as exc:
-                raise ConfigError(f"{variable}={env[variable]!r}: {exc}") from None
-    values.update(_key_fields(env, bool(values.get("enabled", False))))
+    values, sources = read_env(AuditSettings, env)  # the key's text: decoded here, never shown
+    key = values.pop("hmac_key", None)
+    values.update(_key_fields(env, key, bool(values.get("enabled", False))))
     # Ray workers do not share the driver's working directory.
-    values["path"] = Path(str(values.get("path", DEFAULT_PATH))).absolute()
-    try:
-        return AuditSettings.model_validate(values)
-    except ValidationError as exc:  # the parsers above already refuse what the model would
-        raise ConfigError(f"audit settings: {exc}") from None
+    values["path"] = Path(values.get("path", DEFAULT_PATH)).absolute()
+    return validate(AuditSettings, values, sources)
 
 
-def _key_fields(env: Mapping[str, str], enabled: bool) -> dict[str, object]:
-    raw = env_secret(env, KEY_VARIABLE)  # or CAVE_AUDIT_LOG_HMAC_KEY_FILE
-    if raw is not None:
+def _key_fields(env: Mapping[str, str], raw: str | None, enabled: bool) -> dict[str, object]:
+    if raw is not None:  # from CAVE_AUDIT_LOG_HMAC_KEY or CAVE_AUDIT_LOG_HMAC_KEY_FILE
         return {"hmac_key": decode_hmac_key(raw)}  # checked even when the log is disabled
     if not enabled:
         return {}
-    if env.get("CAVE_ENV", "development").strip().lower() == "production":
+    if is_production(env):
         raise ConfigError(
             f"{KEY_VARIABLE} is required when CAVE_AUDIT_LOG_ENABLED=true and "
             f"CAVE_ENV=production (or {KEY_VARIABLE}_FILE naming a file that holds it)"

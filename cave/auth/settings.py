@@ -8,67 +8,119 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cave.env import env_secret
+from pydantic import BaseModel
+
 from cave.errors import ConfigError
+from cave.settings_env import env_field, is_production, read_env, validate
 
 log = logging.getLogger("cave.auth")
 DEFAULT_SECRETS_DIR = Path("var/secrets")
+_MADE_UP = "unset (development: generated in `CAVE_SECRETS_DIR`)"
 
 
-@dataclass(frozen=True)
-class AuthSettings:
-    production: bool
-    key_pepper: bytes  # CAVE_KEY_PEPPER: keys the hash of every API key secret
-    secret_key: bytes  # CAVE_SECRET_KEY: AES-256 key sealing sandbox API keys at rest
-    webhook_secret: bytes | None  # CAVE_ROTATION_WEBHOOK_SECRET
-    webhook_url: str | None  # CAVE_ROTATION_WEBHOOK_URL
-    rotation_grace_s: float  # CAVE_KEY_ROTATION_GRACE_S: how long a rotated key still works
+class AuthSettings(BaseModel, frozen=True, extra="forbid"):
+    """Secrets and rotation of API keys; production refuses made-up secrets."""
+
+    production: bool = False  # CAVE_ENV=production (cave.settings_env.CaveEnvironment)
+    key_pepper: bytes = env_field(
+        "CAVE_KEY_PEPPER",
+        secret_file=True,
+        text=True,
+        repr=False,
+        accepts="base64, at least 32 bytes",
+        shown_default=_MADE_UP,
+        description="Keys the hash of every API key secret",
+    )
+    secret_key: bytes = env_field(
+        "CAVE_SECRET_KEY",
+        secret_file=True,
+        text=True,
+        repr=False,
+        accepts="base64, exactly 32 bytes",
+        shown_default=_MADE_UP,
+        description="AES-256 key sealing sandbox API keys and signing keys at rest",
+    )
+    webhook_secret: bytes | None = env_field(
+        "CAVE_ROTATION_WEBHOOK_SECRET",
+        None,
+        secret_file=True,
+        text=True,
+        repr=False,
+        accepts="`whsec_<base64>` or any text",
+        shown_default="unset",
+        description=(
+            "Signs rotation webhooks (Standard Webhooks); `/api/v1/auth/keys/rotated` verifies "
+            "it, and answers 404 without one"
+        ),
+    )
+    webhook_url: str | None = env_field(
+        "CAVE_ROTATION_WEBHOOK_URL",
+        None,
+        blank_is_unset=True,
+        accepts="a URL",
+        shown_default="unset",
+        description="Where rotation webhooks go; unset: none are sent",
+    )
+    rotation_grace_s: float = env_field(
+        "CAVE_KEY_ROTATION_GRACE_S",
+        86400.0,
+        ge=0,
+        description="How long a rotated API key still works (seconds)",
+    )
+    secrets_dir: Path = env_field(
+        "CAVE_SECRETS_DIR",
+        DEFAULT_SECRETS_DIR,
+        blank_is_unset=True,
+        shown_default="`./var/secrets`",
+        description=(
+            "Where development keeps the secrets it generates (key pepper, sealing key), so "
+            "that keys survive a restart; `cave up` makes it absolute"
+        ),
+    )
 
 
 def load_auth_settings(
     env: Mapping[str, str] | None = None, secrets_dir: Path | None = None
 ) -> AuthSettings:
+    """The settings from `env` (default os.environ); secrets missing outside production are
+    generated once in `secrets_dir` (default CAVE_SECRETS_DIR)."""
     env = os.environ if env is None else env
+    values, sources = read_env(AuthSettings, env)  # every secret may come from its NAME_FILE
     # Every process of a deployment must find the same development secrets, whatever its cwd.
-    secrets_dir = secrets_dir or Path(env.get("CAVE_SECRETS_DIR") or DEFAULT_SECRETS_DIR)
-    production = env.get("CAVE_ENV", "development").strip().lower() == "production"
-    grace = env.get("CAVE_KEY_ROTATION_GRACE_S", "86400")
-    try:
-        grace_s = float(grace)
-        if not grace_s >= 0:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"CAVE_KEY_ROTATION_GRACE_S={grace!r}: expected seconds >= 0") from None
-    webhook = env_secret(env, "CAVE_ROTATION_WEBHOOK_SECRET")
-    webhook_url = env.get("CAVE_ROTATION_WEBHOOK_URL") or None
-    if production and webhook_url and not webhook:
+    secrets_dir = secrets_dir or values.get("secrets_dir", DEFAULT_SECRETS_DIR)
+    production = is_production(env)
+    webhook: Any = values.get("webhook_secret")
+    if production and values.get("webhook_url") and not webhook:
         # Without the secret the webhooks would silently not be sent: refuse, do not degrade.
         raise ConfigError(
             "CAVE_ROTATION_WEBHOOK_URL is set but CAVE_ROTATION_WEBHOOK_SECRET (or its _FILE) "
             "is not: CAVE_ENV=production sends no unsigned webhooks and drops none silently"
         )
-    return AuthSettings(
+    values.update(
         production=production,
-        key_pepper=_secret(env, "CAVE_KEY_PEPPER", 32, production, secrets_dir),
-        secret_key=_secret(env, "CAVE_SECRET_KEY", 32, production, secrets_dir, exact=True),
+        secrets_dir=secrets_dir,
+        key_pepper=_secret(
+            values.get("key_pepper"), "CAVE_KEY_PEPPER", 32, production, secrets_dir
+        ),
+        secret_key=_secret(
+            values.get("secret_key"), "CAVE_SECRET_KEY", 32, production, secrets_dir, exact=True
+        ),
         webhook_secret=webhook.encode() if webhook else None,
-        webhook_url=webhook_url,
-        rotation_grace_s=grace_s,
     )
+    return validate(AuthSettings, values, sources)
 
 
 def _secret(
-    env: Mapping[str, str],
+    raw: str | None,
     name: str,
     size: int,
     production: bool,
     secrets_dir: Path,
     exact: bool = False,
 ) -> bytes:
-    raw = env_secret(env, name)
     if raw:
         value = _decode(name, raw)
         if len(value) < size or (exact and len(value) != size):

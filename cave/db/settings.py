@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from cave.env import env_secret
 from cave.errors import ConfigError
+from cave.settings_env import env_field, is_production, read_env
 
 DEFAULT_SQLITE_PATH = Path("var") / "cave.db"
 
@@ -29,8 +29,27 @@ log = logging.getLogger(__name__)
 class DatabaseSettings(BaseModel, frozen=True, extra="forbid"):
     """Where the database is and how long to wait for it; exactly one of `dsn` and `path` is set."""
 
-    dsn: SecretStr | None = None
-    path: Path | None = None
+    dsn: SecretStr | None = env_field(
+        "BKG_DB_DSN",
+        None,
+        secret_file=True,
+        accepts=f"a PostgreSQL URL (`{_DSN_EXAMPLE}`)",
+        shown_default="unset",
+        description=(
+            "PostgreSQL through asyncpg (`postgresql://` and `postgres://` mean the same); wins "
+            "over `BKG_DB_PATH` (with a warning); see database.md"
+        ),
+    )
+    path: Path | None = env_field(
+        "BKG_DB_PATH",
+        None,
+        blank_is_unset=True,
+        shown_default="`./var/cave.db` (refused in production)",
+        description=(
+            "SQLite database file, when `BKG_DB_DSN` is unset; relative to the working "
+            "directory (`cave up` makes it absolute)"
+        ),
+    )
     connect_timeout_s: float = Field(default=10.0, gt=0)
     busy_timeout_s: float = Field(default=5.0, gt=0)
     pool_size: int = Field(default=5, gt=0)
@@ -67,9 +86,9 @@ def load_database_settings(
 ) -> DatabaseSettings:
     """Read BKG_DB_DSN / BKG_DB_PATH from `env` (default os.environ); relative paths use `cwd`."""
     env = os.environ if env is None else env
-    dsn = (env_secret(env, "BKG_DB_DSN") or "").strip()  # or BKG_DB_DSN_FILE: it holds a password
-    path = env.get("BKG_DB_PATH", "").strip()
-    if not dsn and not path and env.get("CAVE_ENV", "").strip().lower() == "production":
+    values, _ = read_env(DatabaseSettings, env)  # BKG_DB_DSN may be BKG_DB_DSN_FILE: a password
+    dsn, path = str(values.get("dsn") or "").strip(), values.get("path")
+    if not dsn and not path and is_production(env):
         # A mistyped BKG_DB_DSN_FILE must not turn into a fresh SQLite file in a worker's cwd.
         raise ConfigError(
             "BKG_DB_DSN (or BKG_DB_DSN_FILE) is required when CAVE_ENV=production; "
@@ -82,7 +101,7 @@ def load_database_settings(
             )
         return DatabaseSettings(dsn=SecretStr(_async_dsn(dsn)))
     base = Path.cwd() if cwd is None else cwd
-    return DatabaseSettings(path=base / (Path(path) if path else DEFAULT_SQLITE_PATH))
+    return DatabaseSettings(path=base / (path or DEFAULT_SQLITE_PATH))
 
 
 def _async_dsn(dsn: str) -> str:

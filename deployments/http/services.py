@@ -18,12 +18,12 @@ from cave.auth.bearer import bearer_token
 from cave.auth.keys import KeyService, Principal
 from cave.auth.settings import AuthSettings, load_auth_settings
 from cave.db import Database, load_database_settings
+from config.llm import load_llm_settings
 from config.settings import Settings, load_settings
 from deployments.llm.services import LlmServices
 from deployments.sandboxes.exec_records import ExecRecorder, load_mode
 from deployments.sandboxes.manager import SandboxManager
 from deployments.sandboxes.upkeep import flush_activity
-from inference.llm_settings import load_llm_settings
 
 log = logging.getLogger("cave.api")
 

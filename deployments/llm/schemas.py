@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from config.llm import MAX_PER_MINUTE
 from deployments.schemas import Namespace
 from inference.gateway import Usage
-from inference.llm_settings import MAX_PER_MINUTE
 
 
 class AccessRequestIn(BaseModel):

@@ -19,6 +19,7 @@ from cave.auth.keys import ForbiddenError, Principal
 from cave.auth.settings import AuthSettings
 from cave.db import Database
 from cave.errors import ConflictError, InferenceUnavailableError, NotFoundError
+from config.llm import LlmSettings
 from deployments.llm.engine import (
     delete_model_app,
     deploy_model_app,
@@ -28,7 +29,6 @@ from deployments.llm.engine import (
 )
 from inference.access import ModelAccess
 from inference.gateway import ChatGateway, UsageRecorder
-from inference.llm_settings import LlmSettings
 from inference.peers import PeerHealth, PeerRouter, load_peers
 from inference.registry import ModelSpec, RegisteredModels, check_deployable
 from inference.revocation import RevocationCache

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from inference.llm_settings import DEFAULT_RPM, DEFAULT_TPM
+from config.llm import DEFAULT_RPM, DEFAULT_TPM
 from tests.api.conftest import TINY_MODEL, ApiServer, approved_model_key, openai_client
 
 NAMESPACE = "limits-team"

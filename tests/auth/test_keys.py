@@ -131,7 +131,7 @@ async def test_rotation_keeps_the_old_key_for_the_grace_and_writes_one_outbox_ev
 async def test_after_the_grace_the_old_key_stops_working(
     db: Database, auth_settings: AuthSettings
 ) -> None:
-    keys = KeyService(db, replace(auth_settings, rotation_grace_s=0))
+    keys = KeyService(db, auth_settings.model_copy(update={"rotation_grace_s": 0}))
     old, old_plain = await keys.create("admin", None, [])
     await keys.rotate(old.id)
     with pytest.raises(AuthError):

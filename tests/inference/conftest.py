@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cave.db import Database
-from inference.llm_settings import LlmSettings
+from config.llm import LlmSettings
 from inference.revocation import RevocationCache
 from inference.signing_keys import SigningKeys
 from inference.tokens import TokenSigner, TokenVerifier

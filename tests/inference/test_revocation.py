@@ -22,7 +22,7 @@ from cave.db import (
     utcnow,
 )
 from cave.errors import RevocationsStaleError, TokenRevokedError
-from inference.llm_settings import LlmSettings
+from config.llm import LlmSettings
 from inference.revocation import RevocationCache
 from inference.signing_keys import SigningKeys
 from inference.tokens import ModelClaims, TokenSigner, TokenVerifier, token_row

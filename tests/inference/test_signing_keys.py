@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from cave.db import Database, SigningKeyRow
 from cave.errors import AuthError, ConfigError
-from inference.llm_settings import LlmSettings
+from config.llm import LlmSettings
 from inference.revocation import RevocationCache
 from inference.signing_keys import SigningKeys
 from inference.tokens import TokenSigner, TokenVerifier

@@ -29,7 +29,7 @@ from cave.errors import (
     TokenExpiredError,
     TokenRevokedError,
 )
-from inference.llm_settings import DEFAULT_RPM, DEFAULT_TPM, LlmSettings, load_llm_settings
+from config.llm import DEFAULT_RPM, DEFAULT_TPM, LlmSettings, load_llm_settings
 from inference.revocation import RevocationCache
 from inference.signing_keys import ActiveSigningKey, SigningKeys
 from inference.tokens import ModelClaims, PeerKeys, TokenSigner, TokenVerifier
@@ -467,7 +467,13 @@ def test_claims_round_trip_as_a_jwt_payload() -> None:
 
 
 def test_settings_defaults_and_environment() -> None:
-    assert load_llm_settings({}) == LlmSettings("cave", "cave-llm", 3600, 30 * 86400, 30)
+    assert load_llm_settings({}) == LlmSettings(
+        issuer="cave",
+        audience="cave-llm",
+        token_ttl_s=3600,
+        token_max_ttl_s=30 * 86400,
+        leeway_s=30,
+    )
     env = {
         "CAVE_LLM_ISSUER": "cave-eu",
         "CAVE_LLM_AUDIENCE": "llm",
@@ -475,7 +481,9 @@ def test_settings_defaults_and_environment() -> None:
         "CAVE_LLM_TOKEN_MAX_TTL_S": "120",
         "CAVE_LLM_LEEWAY_S": "0",
     }
-    assert load_llm_settings(env) == LlmSettings("cave-eu", "llm", 60, 120, 0)
+    assert load_llm_settings(env) == LlmSettings(
+        issuer="cave-eu", audience="llm", token_ttl_s=60, token_max_ttl_s=120, leeway_s=0
+    )
 
 
 @pytest.mark.parametrize(

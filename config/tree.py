@@ -1,0 +1,88 @@
+"""The one tree of CAVE's settings: every section as a field of `CaveSettings`, each section's
+fields declaring their environment variable (cave/settings_env.py).
+
+The tree sits in config/ because every section can be imported from here without importing
+upwards: cave/ owns the database, auth and audit sections and the run mode, config/ the sandbox,
+model-access and API sections. docs/configuration.md is generated from it (config/docs.py), and
+tests/test_configuration_docs.py checks that every variable the code names is declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydantic import BaseModel, Field
+
+from cave.audit.settings import AuditSettings
+from cave.auth.settings import AuthSettings
+from cave.db.settings import DatabaseSettings
+from cave.settings_env import CaveEnvironment, Declared, declared
+from config.api import (
+    ApiLimits,
+    ClientSettings,
+    ClusterSettings,
+    ExecRecordSettings,
+    ModelsSettings,
+    TracingSettings,
+    UpkeepSettings,
+)
+from config.llm import LlmSettings
+from config.settings import Settings
+
+
+class CaveSettings(BaseModel, frozen=True, extra="forbid"):
+    """Every setting of CAVE, one section per field; each section has its own loader
+    (`load_settings`, `load_database_settings`, ...), called at the entry point."""
+
+    environment: CaveEnvironment = Field(
+        title="Run mode", description="`cave.settings_env.is_production`, in every section"
+    )
+    sandbox: Settings = Field(
+        title="Sandboxes",
+        description="`config.settings.load_settings`",
+        json_schema_extra={"toml": "config/sandbox_config.toml"},
+    )
+    database: DatabaseSettings = Field(
+        title="Database", description="`cave.db.load_database_settings`"
+    )
+    auth: AuthSettings = Field(
+        title="API keys and their secrets", description="`cave.auth.settings.load_auth_settings`"
+    )
+    audit: AuditSettings = Field(title="Audit log", description="`cave.audit.load_audit_settings`")
+    llm: LlmSettings = Field(title="Model access", description="`config.llm.load_llm_settings`")
+    models: ModelsSettings = Field(title="Models", description="`ModelRegistry.from_env`")
+    api_limits: ApiLimits = Field(
+        title="API request limits", description="`deployments.http.body_limit.load_request_limits`"
+    )
+    upkeep: UpkeepSettings = Field(
+        title="API upkeep", description="`deployments.http.background.upkeep_interval`"
+    )
+    exec_records: ExecRecordSettings = Field(
+        title="Exec records", description="`deployments.sandboxes.exec_records.load_mode`"
+    )
+    tracing: TracingSettings = Field(
+        title="Tracing", description="`deployments.http.tracing.load_sampling_rate`"
+    )
+    cluster: ClusterSettings = Field(
+        title="`cave up`", description="`cluster.api`, `cluster.ingress`, `cluster.cli.base`"
+    )
+    client: ClientSettings = Field(
+        title="Client",
+        description="`cave.client` (its own distribution) and the CLI's API commands",
+    )
+
+
+def sections() -> Iterator[tuple[str, type[BaseModel]]]:
+    """(name, model) of each section of the tree, in order."""
+    for name, field in CaveSettings.model_fields.items():
+        assert isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        yield name, field.annotation
+
+
+def variables() -> dict[str, Declared]:
+    """Every variable the tree declares (a secret's NAME_FILE too) and the field it sets."""
+    found: dict[str, Declared] = {}
+    for item in declared(CaveSettings):
+        for variable in item.variables:
+            found.setdefault(variable, item)
+    return found
