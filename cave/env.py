@@ -1,4 +1,5 @@
-"""Parsing helpers for environment variables shared by every settings loader."""
+"""Parsing helpers for environment variables: words, choices and secrets that may come from files
+(NAME_FILE); the loader of declared settings (cave/settings_env.py) is built on them."""
 
 from __future__ import annotations
 
@@ -26,15 +27,6 @@ def parse_choice(raw: str, choices: tuple[str, ...]) -> str:
     if word not in choices:
         raise ValueError(f"expected one of {', '.join(choices)}")
     return word
-
-
-def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    """The variable `name` as one of `choices` (`default` when unset); ConfigError naming it."""
-    raw = env.get(name, default)
-    try:
-        return parse_choice(raw, choices)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r}: {exc}") from None
 
 
 def env_secret(env: Mapping[str, str], name: str) -> str | None:

@@ -17,7 +17,9 @@ from ray import serve
 
 from cave.auth.bootstrap import create_admin_key
 from cave.errors import ConfigError
+from cave.settings_env import load_section
 from cluster.ingress import listen_ports
+from config.api import ClusterSettings
 from deployments.http.app import APP_NAME, build_app
 
 API_FILE = "api.json"
@@ -62,12 +64,11 @@ def api_autoscaling(config: Path = SERVE_CONFIG) -> dict[str, Any]:
 
 
 def api_port(env: Mapping[str, str]) -> int:
-    raw = env.get("CAVE_API_PORT")
-    if raw is None:
+    """CAVE_API_PORT (config.api.ClusterSettings), else 8000 when free, else a free port."""
+    port = load_section(ClusterSettings, env).api_port
+    if port is None:
         return DEFAULT_PORT if _port_free(DEFAULT_PORT) else listen_ports(1)[0]
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise ConfigError(f"CAVE_API_PORT={raw!r}: expected a TCP port number")
-    return int(raw)
+    return port
 
 
 def deploy_api(home: Path, env: Mapping[str, str], cwd: Path) -> ApiInfo:
@@ -81,7 +82,7 @@ def deploy_api(home: Path, env: Mapping[str, str], cwd: Path) -> ApiInfo:
         serve.run(app, name=APP_NAME, route_prefix="/")
         return known
     port = api_port(env)
-    host = env.get("CAVE_API_HOST", "127.0.0.1")
+    host = load_section(ClusterSettings, env).api_host
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     admin_key = asyncio.run(create_admin_key({**env, **api_env(env, cwd)}))

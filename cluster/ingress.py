@@ -15,9 +15,9 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from cave.env import env_choice
+from cave.settings_env import load_section
+from config.api import ClusterSettings
 
-INGRESSES = ("haproxy", "serve")
 # Per-request savings measured with the CAVE app (docs/ingress.md): user code on the replica's
 # own event loop (our routes never block it), buffered request logs, one HAProxy thread.
 TUNED_ENV = {
@@ -30,7 +30,8 @@ TUNED_ENV = {
 
 
 def ingress_choice(env: Mapping[str, str]) -> str:
-    return env_choice(env, "CAVE_INGRESS", "haproxy", INGRESSES)
+    """CAVE_INGRESS (config.api.ClusterSettings): `haproxy` or `serve`."""
+    return load_section(ClusterSettings, env).ingress
 
 
 def ingress_env(env: Mapping[str, str], files: Path) -> dict[str, str]:

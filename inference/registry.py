@@ -24,13 +24,14 @@ from sqlalchemy import delete, select
 from cave.db import Database
 from cave.db.models import RegisteredModelRow
 from cave.errors import ConfigError, NotFoundError
+from cave.settings_env import load_section
+from config.api import ModelsSettings
 
 log = logging.getLogger(__name__)
 _Fail = Callable[[str, str], "ModelSpecError"]
 
 ENGINES = ("cpu", "vllm")
-MODELS_FILE_ENV = "CAVE_MODELS_FILE"
-DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[1] / "config" / "models.toml"
+MODELS_FILE_ENV = "CAVE_MODELS_FILE"  # config.api.ModelsSettings; named in the errors below
 # Model ids appear in URLs, JWT claims and Serve deployment names: keep them plain.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
 MODEL_ID_PATTERN = _MODEL_ID.pattern
@@ -171,7 +172,8 @@ def check_deployable(spec: ModelSpec) -> None:
 
 
 def models_file(env: Mapping[str, str]) -> Path:
-    return Path(env[MODELS_FILE_ENV]) if env.get(MODELS_FILE_ENV) else DEFAULT_MODELS_FILE
+    """CAVE_MODELS_FILE, else the shipped config/models.toml."""
+    return load_section(ModelsSettings, env).models_file
 
 
 def load_models(path: Path) -> list[ModelSpec]:

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from cave.env import MAX_SECRET_FILE_BYTES, env_choice, env_secret
+from cave.env import MAX_SECRET_FILE_BYTES, env_secret
 from cave.errors import ConfigError
 from cluster.ingress import ingress_choice
 from deployments.sandboxes.exec_records import load_mode
 
 
 def test_a_choice_is_read_in_any_case_with_its_default() -> None:
-    assert env_choice({"X": " Sync "}, "X", "async", ("async", "sync")) == "sync"
-    assert env_choice({}, "X", "async", ("async", "sync")) == "async"
+    assert load_mode({"CAVE_EXEC_RECORDS": " Sync "}) == "sync"
+    assert load_mode({}) == "async"
+    assert ingress_choice({"CAVE_INGRESS": "SERVE"}) == "serve" and ingress_choice({}) == "haproxy"
 
 
 @pytest.mark.parametrize(

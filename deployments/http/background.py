@@ -11,24 +11,18 @@ from collections.abc import Awaitable, Mapping
 import httpx
 
 from cave.auth.outbox import OutboxDispatcher
-from cave.errors import ConfigError
+from cave.settings_env import load_section
+from config.api import UpkeepSettings
 from deployments.http.services import Services
 from deployments.sandboxes.upkeep import expire_due, lose_dead_nodes, reconcile
 
 log = logging.getLogger("cave.api")
-DEFAULT_INTERVAL_S = 1.0
 RECONCILE_EVERY = 5  # ticks: a lost sandbox shows within about five seconds
 
 
 def upkeep_interval(env: Mapping[str, str]) -> float:
-    raw = env.get("CAVE_UPKEEP_INTERVAL_S", str(DEFAULT_INTERVAL_S))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.05 <= value <= 60:
-        raise ConfigError(f"CAVE_UPKEEP_INTERVAL_S={raw!r}: expected seconds in [0.05, 60]")
-    return value
+    """CAVE_UPKEEP_INTERVAL_S (config.api.UpkeepSettings)."""
+    return load_section(UpkeepSettings, env).interval_s
 
 
 class Upkeep:

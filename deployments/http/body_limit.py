@@ -7,15 +7,14 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cave.errors import ConfigError, PayloadTooLargeError
+from cave.errors import PayloadTooLargeError
+from cave.settings_env import load_section
+from config.api import ApiLimits
 from deployments.http.errors import error_response
-from deployments.sandboxes.ops import INLINE_OUTPUT_BYTES, MAX_FILE_BYTES
 
-MIB = 1024 * 1024
 # A file upload is raw bytes streamed to the sandbox; everything else is a parsed JSON body.
 _FILE_UPLOAD = re.compile(r"^/api/v1/sandboxes/[^/]+/files/.+")
 _CHAT = ("/v1/chat/completions", "/api/v1/llm/chat")
@@ -23,15 +22,8 @@ _MCP = "/mcp"
 DRAIN_S = 1.0  # how long a refused body is read and dropped before the 413 and the close
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """Bytes a request body may hold, per kind of route, and what a non-streamed exec returns."""
-
-    json_bytes: int = 1 * MIB  # CAVE_API_MAX_BODY_BYTES
-    file_bytes: int = MAX_FILE_BYTES  # CAVE_API_MAX_FILE_BYTES: one PUT of a file, at most this
-    chat_bytes: int = 8 * MIB  # CAVE_API_MAX_CHAT_BODY_BYTES: long prompts, images
-    mcp_bytes: int = 4 * MIB  # CAVE_API_MAX_MCP_BODY_BYTES: the MCP SDK's own default
-    exec_output_bytes: int = INLINE_OUTPUT_BYTES  # CAVE_API_EXEC_OUTPUT_BYTES: per stream
+class RequestLimits(ApiLimits, frozen=True):
+    """The limits (config.api.ApiLimits, CAVE_API_*), and which one a request's body meets."""
 
     def body_limit(self, method: str, path: str) -> tuple[int, str]:
         """The limit of a request's body and what it applies to, by method and path alone."""
@@ -44,28 +36,9 @@ class RequestLimits:
         return self.json_bytes, "a request body"
 
 
-_VARIABLES = {
-    "CAVE_API_MAX_BODY_BYTES": "json_bytes",
-    "CAVE_API_MAX_FILE_BYTES": "file_bytes",
-    "CAVE_API_MAX_CHAT_BODY_BYTES": "chat_bytes",
-    "CAVE_API_MAX_MCP_BODY_BYTES": "mcp_bytes",
-    "CAVE_API_EXEC_OUTPUT_BYTES": "exec_output_bytes",
-}
-
-
 def load_request_limits(env: Mapping[str, str]) -> RequestLimits:
     """The limits from CAVE_API_* variables; ConfigError naming a malformed one."""
-    values: dict[str, int] = {}
-    for variable, field in _VARIABLES.items():
-        raw = env.get(variable)
-        if raw is None:
-            continue
-        if not raw.strip().isdigit() or int(raw) <= 0:
-            raise ConfigError(f"{variable}={raw!r}: expected a positive number of bytes")
-        values[field] = int(raw)
-    if values.get("file_bytes", 0) > MAX_FILE_BYTES:  # what one call to a sandbox carries
-        raise ConfigError(f"CAVE_API_MAX_FILE_BYTES may be at most {MAX_FILE_BYTES}")
-    return RequestLimits(**values)
+    return load_section(RequestLimits, env)
 
 
 class BodyLimitMiddleware:

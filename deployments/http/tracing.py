@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
 from collections.abc import Mapping
 
@@ -22,13 +21,13 @@ from opentelemetry.util.types import AttributeValue
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cave.settings_env import load_section
+from config.api import TracingSettings
 from deployments.http.metrics import UNMATCHED, route_template, status_of
 from deployments.spans import TRACER_NAME, reset_tracer, use_tracer
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE_ENV = "CAVE_OTEL_SAMPLING_RATE"
-DEFAULT_SAMPLING_RATE = 1.0
 # Probes and scrapes every few seconds would drown the traces worth reading.
 DEFAULT_EXCLUDED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
@@ -39,23 +38,9 @@ _OTLP_MODULES = {
 
 
 def load_sampling_rate(env: Mapping[str, str]) -> float:
-    """`CAVE_OTEL_SAMPLING_RATE` as a fraction in [0, 1]; out of range is clamped with a warning."""
-    raw = env.get(SAMPLING_RATE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SAMPLING_RATE
-    try:
-        rate = float(raw)
-    except ValueError:
-        rate = math.nan
-    if math.isnan(rate):
-        log.warning(
-            "%s=%r is not a number; using %s", SAMPLING_RATE_ENV, raw, DEFAULT_SAMPLING_RATE
-        )
-        return DEFAULT_SAMPLING_RATE
-    clamped = min(max(rate, 0.0), 1.0)
-    if clamped != rate:
-        log.warning("%s=%r is outside [0, 1]; using %s", SAMPLING_RATE_ENV, raw, clamped)
-    return clamped
+    """`CAVE_OTEL_SAMPLING_RATE` as a fraction in [0, 1]; out of range is clamped with a warning
+    (config.api.TracingSettings)."""
+    return load_section(TracingSettings, env).sampling_rate
 
 
 def select_exporter(env: Mapping[str, str]) -> SpanExporter | None:

@@ -23,12 +23,12 @@ from typing import Any, Literal
 from cave.audit.event import AuditEvent
 from cave.audit.trail import AuditTrail
 from cave.db import Base, ExecutionRow
-from cave.env import env_choice
 from cave.errors import DatabaseUnavailableError
+from cave.settings_env import load_section
+from config.api import ExecRecordSettings
 
 log = logging.getLogger("cave.api")
 Mode = Literal["sync", "async"]
-MODES: tuple[Mode, ...] = ("async", "sync")
 MAX_BATCH = 500
 ASYNC_LINGER_S = 0.05
 MAX_QUEUED = 50_000  # past this, requests wait for the writer (backpressure, not memory growth)
@@ -67,7 +67,8 @@ def _stored_arg(arg: str) -> StoredArg:
 
 
 def load_mode(env: Mapping[str, str]) -> Mode:
-    return "sync" if env_choice(env, "CAVE_EXEC_RECORDS", "async", MODES) == "sync" else "async"
+    """CAVE_EXEC_RECORDS (config.api.ExecRecordSettings)."""
+    return load_section(ExecRecordSettings, env).mode
 
 
 class ExecRecorder:

@@ -19,15 +19,17 @@ from cave.audit.trail import AuditTrail
 from cave.auth.keys import Principal
 from cave.db import Database, ExecutionRow, SandboxRow, new_id, utcnow
 from cave.errors import PayloadTooLargeError, SandboxNotFoundError, SandboxStateError
+from config.api import INLINE_OUTPUT_BYTES, MAX_FILE_BYTES
 from deployments.sandboxes.exec_records import ExecRecorder
 from deployments.sandboxes.views import ExecOutcome, exec_out, exec_outcome, file_entry_out
 from deployments.schemas import ExecEvent, ExecOut, ExecRequest, FileList, FileWritten
 from deployments.spans import span
 
 T = TypeVar("T")
-MAX_FILE_BYTES = 64 * 1024 * 1024  # one PUT; bigger files go in pieces (append is a later feature)
+# MAX_FILE_BYTES: one PUT, bigger files go in pieces (append is a later feature);
+# INLINE_OUTPUT_BYTES: per stream of a non-streamed exec, more: the stream. Both are the defaults
+# (and the first also the ceiling) of settings, so they live with them in config/api.py.
 MAX_STDIN_BYTES = 8 * 1024 * 1024
-INLINE_OUTPUT_BYTES = 4 * 1024 * 1024  # per stream of a non-streamed exec; more: the stream
 
 
 @dataclass(frozen=True)

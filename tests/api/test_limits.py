@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from deployments.http.body_limit import MIB, RequestLimits
+from config.api import MIB
+from deployments.http.body_limit import RequestLimits
 from deployments.sandboxes.ops import INLINE_OUTPUT_BYTES
 from tests.api.conftest import ApiServer
 from tests.api.test_errors import assert_error

@@ -19,8 +19,8 @@ from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from config.api import DEFAULT_SAMPLING_RATE
 from deployments.http.tracing import (
-    DEFAULT_SAMPLING_RATE,
     install_tracing,
     load_sampling_rate,
     select_exporter,
@@ -292,10 +292,10 @@ def test_sampling_rate_is_clamped_to_a_fraction_with_a_warning(
 ) -> None:
     env = {} if raw is None else {"CAVE_OTEL_SAMPLING_RATE": raw}
 
-    with caplog.at_level(logging.WARNING, logger="deployments.http.tracing"):
+    with caplog.at_level(logging.WARNING, logger="cave.api"):
         assert load_sampling_rate(env) == expected
 
-    warnings = [r for r in caplog.records if r.name == "deployments.http.tracing"]
+    warnings = [r for r in caplog.records if r.name == "cave.api"]
     assert bool(warnings) is warned
     if warned:
         assert "CAVE_OTEL_SAMPLING_RATE" in warnings[0].getMessage()

@@ -15,10 +15,10 @@ from sqlalchemy import select
 from cave.db import Database
 from cave.db.models import RegisteredModelRow
 from cave.errors import ConfigError, NotFoundError
+from config.api import DEFAULT_MODELS_FILE
 from deployments.llm.engine import engine_deployment, engine_options, model_app_name
 from inference.cpu_engine import pick_device
 from inference.registry import (
-    DEFAULT_MODELS_FILE,
     ModelRegistry,
     ModelSpec,
     ModelSpecError,
