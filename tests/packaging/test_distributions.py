@@ -156,7 +156,8 @@ def test_the_installed_server_runs_a_sandbox_from_outside_the_checkout(server: I
     listed = server.cave("sandbox", "ls", "--json")
     assert listed.returncode == 0, listed.stderr
     assert isinstance(json.loads(listed.stdout), list)
-    where = _run(server.venv / "bin" / "python", "-c", "import cluster; print(cluster.__file__)")
+    probe = "import cluster; print(cluster.__file__)"
+    where = _run(server.venv / "bin" / "python", "-c", probe, cwd=server.cwd, env=server.env)
     assert where.startswith(str(server.venv)), "the venv's copy ran, not the checkout"
 
 
