@@ -14,7 +14,6 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
-from cave.audit.event import AuditEvent
 from cave.audit.trail import AuditTrail
 from cave.auth.keys import ForbiddenError, Principal
 from cave.db import Database, ModelAccessRequestRow, ModelAccessTokenRow, new_id, utcnow
@@ -181,9 +180,7 @@ class ModelAccess:
         namespace: str | None,
         details: dict[str, object],
     ) -> None:
-        await self.audit.record(
-            AuditEvent(principal.key_id, action, target, namespace=namespace, details=details)
-        )
+        await self.audit.record(principal.audit_event(action, target, namespace, details))
 
 
 def _require_admin(principal: Principal) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from cave.audit.event import AuditEvent, Outcome
 from cave.errors import AuthError
 
 
@@ -29,6 +31,17 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.kind == "admin"
+
+    def audit_event(
+        self,
+        action: str,
+        target: str,
+        namespace: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        outcome: Outcome = "ok",
+    ) -> AuditEvent:
+        """This key's action as an audit event: the one place a request's event is made."""
+        return AuditEvent(self.key_id, action, target, outcome, namespace, details or {})
 
     def require(self, scope: str, sandbox_id: str | None = None) -> None:
         """ForbiddenError unless the key holds `scope`. A key bound to a sandbox passes only

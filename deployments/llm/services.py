@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from actors.rate_limiter import SharedRateLimiter
-from cave.audit.event import AuditEvent
 from cave.audit.trail import AuditTrail
 from cave.auth.keys import ForbiddenError, Principal
 from cave.auth.settings import AuthSettings
@@ -249,7 +248,7 @@ class ModelAdmin:
     async def _audit(
         self, principal: Principal, action: str, model_id: str, details: dict[str, Any]
     ) -> None:
-        await self.audit.record(AuditEvent(principal.key_id, action, model_id, details=details))
+        await self.audit.record(principal.audit_event(action, model_id, details=details))
 
 
 async def _logged(work: Awaitable[None]) -> None:

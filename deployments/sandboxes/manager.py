@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from actors import remote
 from actors.placement import DEFAULT_POOL, POOL_LABEL
-from cave.audit.event import AuditEvent, Outcome
+from cave.audit.event import Outcome
 from cave.audit.trail import AuditTrail
 from cave.auth import api_keys
 from cave.auth.keys import ForbiddenError, KeyService, Principal
@@ -142,15 +142,10 @@ class SandboxManager(SandboxOps):
             if row is None:
                 raise ConflictError(f"namespace {namespace!r} was removed meanwhile")
             before, row.pool = row.pool, pool
-        event = AuditEvent(
-            principal.key_id,
-            "namespace.pool",
-            namespace,
-            "ok",
-            namespace,
-            {"pool": pool, "before": before},
+        details = {"pool": pool, "before": before}
+        await self.audit.record(
+            principal.audit_event("namespace.pool", namespace, namespace, details)
         )
-        await self.audit.record(event)
         return row
 
     async def update_namespace(
@@ -177,9 +172,7 @@ class SandboxManager(SandboxOps):
             quotas.set_overrides(row, wanted)
         self.exec_quota.forget(namespace)
         details = {"quotas": wanted.model_dump(), "before": before}
-        event = AuditEvent(
-            principal.key_id, "namespace.quotas", namespace, "ok", namespace, details
-        )
+        event = principal.audit_event("namespace.quotas", namespace, namespace, details)
         await self.audit.record(event)
 
     async def namespace(self, principal: Principal, namespace: str) -> NamespaceOut:
@@ -465,14 +458,7 @@ class SandboxManager(SandboxOps):
         details: dict[str, object],
         outcome: Outcome = "ok",
     ) -> None:
-        event = AuditEvent(
-            principal.key_id,
-            action,
-            row.id,
-            outcome,
-            row.namespace_id,
-            details,  # type: ignore[arg-type]
-        )
+        event = principal.audit_event(action, row.id, row.namespace_id, details, outcome)
         await self.audit.record(event)
 
 

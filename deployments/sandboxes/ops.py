@@ -14,7 +14,6 @@ from ray.actor import ActorHandle
 from actors import remote
 from actors.isolation.results import ExecResult, FileEntry, OutputChunk
 from actors.sandbox_actor import command_argv
-from cave.audit.event import AuditEvent
 from cave.audit.trail import AuditTrail
 from cave.auth.keys import Principal
 from cave.db import Database, ExecutionRow, SandboxRow, new_id, utcnow
@@ -208,13 +207,7 @@ class SandboxOps:
             output_sha256=digest.hexdigest(),
         )
         details = {"execution_id": row.id, "exit_code": result.exit_code}
-        event = AuditEvent(
-            principal.key_id,
-            "sandbox.exec",
-            sandbox_id,
-            namespace=live.namespace_id,
-            details=details,
-        )
+        event = principal.audit_event("sandbox.exec", sandbox_id, live.namespace_id, details)
         await self.recorder.record(event, row)
         return row.id
 
@@ -269,13 +262,7 @@ class SandboxOps:
     async def _audit_file(
         self, principal: Principal, sandbox_id: str, live: Live, action: str, path: str
     ) -> None:
-        event = AuditEvent(
-            principal.key_id,
-            action,
-            sandbox_id,
-            namespace=live.namespace_id,
-            details={"path": path},
-        )
+        event = principal.audit_event(action, sandbox_id, live.namespace_id, {"path": path})
         await self.recorder.record(event)  # batched with the execs: files are a hot path too
 
 
