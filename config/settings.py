@@ -65,7 +65,8 @@ class SandboxLimits(BaseModel, frozen=True, extra="forbid"):
 
 
 class LimitOverrides(BaseModel, frozen=True, extra="forbid"):
-    """Limits a caller asks for; a field left None keeps the configured default."""
+    """Limits a caller asks for; a field left None keeps the configured default. The API's
+    request body is this model (deployments/schemas.py: Limits), as are the CLI's and MCP's."""
 
     memory_mb: PositiveInt | None = None
     pids: PositiveInt | None = None

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from config.settings import LimitOverrides
+
 NAMESPACE_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 Namespace = Annotated[str, Field(pattern=NAMESPACE_PATTERN, examples=["team-a"])]
 SandboxState = Literal[
@@ -23,15 +25,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Limits(_Body):
+class Limits(LimitOverrides):
     """Per-sandbox limits; unset fields take the operator's defaults (CAVE_DEFAULT_*)."""
-
-    memory_mb: int | None = Field(None, ge=1)
-    pids: int | None = Field(None, ge=1)
-    cpu: float | None = Field(None, gt=0)
-    disk_mb: int | None = Field(None, ge=1)
-    timeout_s: float | None = Field(None, gt=0)
-    output_bytes: int | None = Field(None, ge=1)
 
 
 class LimitsOut(BaseModel):

@@ -31,7 +31,7 @@ from cave.errors import (
     SandboxNotFoundError,
     SandboxStateError,
 )
-from config.settings import SandboxLimits, Settings, parse_overrides, resolve_limits
+from config.settings import SandboxLimits, Settings, resolve_limits
 from deployments.sandboxes import quotas
 from deployments.sandboxes.exec_records import ExecRecorder
 from deployments.sandboxes.ops import Live, SandboxOps
@@ -81,8 +81,7 @@ class SandboxManager(SandboxOps):
     ) -> CreatedSandboxOut:
         principal.require("sandboxes:write")
         namespace = self._target_namespace(principal, request.namespace)
-        overrides = parse_overrides(**request.limits.model_dump(exclude_none=True))
-        limits = resolve_limits(overrides, self.settings)  # refused before anything is written
+        limits = resolve_limits(request.limits, self.settings)  # refused before anything is written
         if request.wait_s > self.settings.placement.max_wait_s:
             raise InvalidArgumentError(
                 f"wait_s={request.wait_s:g} is above this server's most, "
