@@ -3,6 +3,10 @@ the HTTP client alone, each a fresh process, in interleaved rounds (CAVE_BENCH_N
 
 `cave sandbox ls` talks to a stub HTTP server in this process that answers the list route with
 an empty page: what is measured is the CLI's start and one round trip, not the API's work.
+
+CAVE_BENCH_VENV=/path/to/venv measures that venv's `python` and `cave` instead of this one's:
+e.g. a fresh venv with only the server's and client's wheels (`make dist`), as a user installs
+them, without the dev tools whose packages (rich, pydantic plugins) slow every import here.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from bench.common import percentiles
 
 N = int(os.environ.get("CAVE_BENCH_N", "20"))
 TARGET_S = 0.4
-CAVE = str(Path(sys.executable).with_name("cave"))
+BIN = Path(os.environ.get("CAVE_BENCH_VENV") or Path(sys.executable).parents[1]) / "bin"
+PYTHON, CAVE = str(BIN / "python"), str(BIN / "cave")
 
 
 class _EmptyList(http.server.BaseHTTPRequestHandler):
@@ -45,8 +50,8 @@ def main() -> None:
         "CAVE_API_KEY": "cave_live_bench_stub",
     }
     commands = {
-        "python -c pass (floor)": [sys.executable, "-c", "pass"],
-        "python -c 'import cave.client' (baseline)": [sys.executable, "-c", "import cave.client"],
+        "python -c pass (floor)": [PYTHON, "-c", "pass"],
+        "python -c 'import cave.client' (baseline)": [PYTHON, "-c", "import cave.client"],
         "cave --help": [CAVE, "--help"],
         "cave sandbox ls": [CAVE, "sandbox", "ls"],
     }
@@ -57,6 +62,7 @@ def main() -> None:
             subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, cwd="/")
             samples[name].append(time.perf_counter() - start)
     server.shutdown()
+    print(f"venv: {BIN.parent}")
     base = percentiles(samples["python -c 'import cave.client' (baseline)"][2:])["p50_ms"]
     for name, values in samples.items():
         stats = percentiles(values[2:])
