@@ -9,14 +9,15 @@ tests/test_configuration_docs.py checks that every variable the code names is de
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 
 from pydantic import BaseModel, Field
 
-from cave.audit.settings import AuditSettings
-from cave.auth.settings import AuthSettings
-from cave.db.settings import DatabaseSettings
-from cave.settings_env import CaveEnvironment, Declared, declared
+from cave.audit.settings import AuditSettings, load_audit_settings
+from cave.auth.settings import AuthSettings, load_auth_settings
+from cave.db.settings import DatabaseSettings, load_database_settings
+from cave.settings_env import CaveEnvironment, Declared, declared, load_section
 from config.api import (
     ApiLimits,
     ClientSettings,
@@ -26,13 +27,14 @@ from config.api import (
     TracingSettings,
     UpkeepSettings,
 )
-from config.llm import LlmSettings
-from config.settings import Settings
+from config.llm import LlmSettings, load_llm_settings
+from config.settings import Settings, load_settings
 
 
 class CaveSettings(BaseModel, frozen=True, extra="forbid"):
-    """Every setting of CAVE, one section per field; each section has its own loader
-    (`load_settings`, `load_database_settings`, ...), called at the entry point."""
+    """Every setting of CAVE, one section per field. `load_cave_settings` builds it at an entry
+    point (an API replica's start); each section has its own loader (`load_settings`,
+    `load_database_settings`, ...) for code that needs only that one."""
 
     environment: CaveEnvironment = Field(
         title="Run mode", description="`cave.settings_env.is_production`, in every section"
@@ -55,10 +57,11 @@ class CaveSettings(BaseModel, frozen=True, extra="forbid"):
         title="API request limits", description="`deployments.http.body_limit.load_request_limits`"
     )
     upkeep: UpkeepSettings = Field(
-        title="API upkeep", description="`deployments.http.background.upkeep_interval`"
+        title="API upkeep",
+        description="`config.tree.load_cave_settings` (the API replica's `Upkeep`)",
     )
     exec_records: ExecRecordSettings = Field(
-        title="Exec records", description="`deployments.sandboxes.exec_records.load_mode`"
+        title="Exec records", description="`load_cave_settings`, for the replica's `ExecRecorder`"
     )
     tracing: TracingSettings = Field(
         title="Tracing", description="`deployments.http.tracing.load_sampling_rate`"
@@ -69,6 +72,28 @@ class CaveSettings(BaseModel, frozen=True, extra="forbid"):
     client: ClientSettings = Field(
         title="Client",
         description="`cave.client` (its own distribution) and the CLI's API commands",
+    )
+
+
+def load_cave_settings(env: Mapping[str, str] | None = None) -> CaveSettings:
+    """Every section from `env` (default os.environ), each by its own loader: a bad value
+    anywhere is a ConfigError naming it before anything starts. Outside production, the auth
+    section makes up the secrets it lacks (in CAVE_SECRETS_DIR), as `load_auth_settings` does."""
+    env = os.environ if env is None else env
+    return CaveSettings(
+        environment=load_section(CaveEnvironment, env),
+        sandbox=load_settings(env),
+        database=load_database_settings(env),
+        auth=load_auth_settings(env),
+        audit=load_audit_settings(env),
+        llm=load_llm_settings(env),
+        models=load_section(ModelsSettings, env),
+        api_limits=load_section(ApiLimits, env),
+        upkeep=load_section(UpkeepSettings, env),
+        exec_records=load_section(ExecRecordSettings, env),
+        tracing=load_section(TracingSettings, env),
+        cluster=load_section(ClusterSettings, env),
+        client=load_section(ClientSettings, env),
     )
 
 

@@ -89,3 +89,30 @@ def test_every_declared_variable_is_documented_once_and_named_once() -> None:
 @pytest.mark.parametrize("client", ["CAVE_API_URL", "CAVE_API_KEY"])
 def test_the_client_variables_are_documented(client: str) -> None:
     assert client in variables() and f"`{client}`" in DOC.read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("CAVE_LLM_RPM", "lots"),
+        ("CAVE_UPKEEP_INTERVAL_S", "-1"),
+        ("CAVE_DEFAULT_MEMORY_MB", "abc"),
+        ("CAVE_EXEC_RECORDS", "sometimes"),
+        ("CAVE_AUDIT_LOG_MAX_BYTES", "0"),
+    ],
+)
+def test_the_whole_tree_loads_in_one_call_and_a_bad_value_anywhere_names_itself(
+    tmp_path: Path, name: str, bad: str
+) -> None:
+    from cave.errors import ConfigError
+    from config.tree import load_cave_settings
+
+    env = {"CAVE_SECRETS_DIR": str(tmp_path / "secrets"), "BKG_DB_PATH": str(tmp_path / "db")}
+    tree = load_cave_settings(env)
+    assert (tree.llm.rpm, tree.database.path, tree.exec_records.mode) == (
+        600,
+        tmp_path / "db",
+        "async",
+    )
+    with pytest.raises(ConfigError, match=name):
+        load_cave_settings({**env, name: bad})

@@ -81,7 +81,7 @@ def create_api(
         services.sandboxes.exec_observer = metrics.observe_exec
         metrics.set_revocation_age(services.llm.revocations.age_s)
         services.sandboxes.inline_output_bytes = limits.exec_output_bytes
-        upkeep = Upkeep(services, merged_env)
+        upkeep = Upkeep(services)
         upkeep.start()
         # The MCP app needs the services, so it joins the routes here, before any request.
         # A Route, not a Mount: a Mount would redirect /mcp to /mcp/.

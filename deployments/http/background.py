@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 
 import httpx
 
 from cave.auth.outbox import OutboxDispatcher
-from cave.settings_env import load_section
-from config.api import UpkeepSettings
 from deployments.http.services import Services
 from deployments.sandboxes.upkeep import expire_due, lose_dead_nodes, reconcile
 
@@ -20,15 +18,10 @@ log = logging.getLogger("cave.api")
 RECONCILE_EVERY = 5  # ticks: a lost sandbox shows within about five seconds
 
 
-def upkeep_interval(env: Mapping[str, str]) -> float:
-    """CAVE_UPKEEP_INTERVAL_S (config.api.UpkeepSettings)."""
-    return load_section(UpkeepSettings, env).interval_s
-
-
 class Upkeep:
-    def __init__(self, services: Services, env: Mapping[str, str]) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
-        self.interval_s = upkeep_interval(env)
+        self.interval_s = services.config.upkeep.interval_s  # CAVE_UPKEEP_INTERVAL_S
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None

@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from cave.audit.scrub import ScrubFilter
-from cave.audit.settings import load_audit_settings
 from cave.audit.trail import AuditTrail
 from cave.audit.writer import AuditLogWriter, open_audit_log
 from cave.auth.bearer import bearer_token
 from cave.auth.keys import KeyService, Principal
-from cave.auth.settings import AuthSettings, load_auth_settings
-from cave.db import Database, load_database_settings
-from config.llm import load_llm_settings
-from config.settings import Settings, load_settings
+from cave.auth.settings import AuthSettings
+from cave.db import Database
+from config.settings import Settings
+from config.tree import CaveSettings, load_cave_settings
 from deployments.llm.services import LlmServices
-from deployments.sandboxes.exec_records import ExecRecorder, load_mode
+from deployments.sandboxes.exec_records import ExecRecorder
 from deployments.sandboxes.manager import SandboxManager
 from deployments.sandboxes.upkeep import flush_activity
 
@@ -37,6 +36,7 @@ class Services:
     audit: AuditTrail
     sandboxes: SandboxManager
     llm: LlmServices
+    config: CaveSettings  # the whole tree, read once at the replica's start
     log_writer: AuditLogWriter | None = None
 
     @classmethod
@@ -48,11 +48,9 @@ class Services:
     ) -> Services:
         """Every setting is checked before anything connects; a bad one is a ConfigError.
         `engines` maps model ids to the Serve handles of their engines."""
-        env = {**os.environ, **(env or {})}
-        settings = load_settings(env)
-        auth = load_auth_settings(env)
-        llm_settings = load_llm_settings(env)
-        audit_settings = load_audit_settings(env)
+        config = load_cave_settings({**os.environ, **(env or {})})
+        settings, auth, llm_settings = config.sandbox, config.auth, config.llm
+        audit_settings = config.audit
         if audit_settings.enabled and replica:
             # One writer per log file: each replica signs its own chain (`<log>.<replica>.jsonl`).
             path = Path(audit_settings.path)
@@ -61,14 +59,14 @@ class Services:
             )
         if audit_settings.scrub:
             _install_scrubbing()
-        db = await Database.connect(load_database_settings(env))
+        db = await Database.connect(config.database)
         writer = open_audit_log(audit_settings)
         audit = AuditTrail(db, writer, audit_settings.scrub)
         keys = KeyService(db, auth, audit)
-        recorder = ExecRecorder(audit, load_mode(env))
+        recorder = ExecRecorder(audit, config.exec_records.mode)
         manager = SandboxManager(settings, db, keys, audit, recorder)
         llm = await LlmServices.start(llm_settings, db, auth, audit, recorder, engines or {})
-        return cls(settings, auth, db, keys, audit, manager, llm, writer)
+        return cls(settings, auth, db, keys, audit, manager, llm, config, writer)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization: Bearer <key>` header value."""
