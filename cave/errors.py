@@ -6,7 +6,7 @@ CaveError
  ├─ InvalidArgumentError ── LimitExceededError ── PayloadTooLargeError; InvalidPathError
  ├─ NotFoundError ── SandboxNotFoundError
  ├─ ConflictError ── SandboxStateError
- ├─ QuotaExceededError ── CapacityError, RateLimitedError
+ ├─ QuotaExceededError ── CapacityError, RateLimitedError, OverloadedError
  ├─ AuthError ── TokenExpiredError, TokenRevokedError, NamespaceMismatchError
  ├─ SandboxError ── SandboxTimeoutError, IsolationUnavailableError
  ├─ DatabaseUnavailableError         (the database went away: the API answers 503)
@@ -107,6 +107,13 @@ class CapacityError(QuotaExceededError):
     """No node has room for another sandbox."""
 
     code = "capacity"
+
+
+class OverloadedError(QuotaExceededError):
+    """CAVE is too busy to take this request now (the database's writers are queued past their
+    wait); nothing of it was done, and the same request may be sent again after `retry_after_s`."""
+
+    code = "overloaded"
 
 
 class RateLimitedError(QuotaExceededError):

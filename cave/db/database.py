@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -21,7 +22,7 @@ from cave.db.migrate import head_revision, upgrade
 from cave.db.scoping import ADMIN, NOBODY, Scope, ScopedSession, bind_scope
 from cave.db.settings import DatabaseSettings
 from cave.db.sqlite import READ_ONLY_OPTION, create_sqlite_engine, startup_lock
-from cave.errors import DatabaseUnavailableError, InvalidArgumentError
+from cave.errors import DatabaseUnavailableError, InvalidArgumentError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class Database:
             expire_on_commit=False,
             sync_session_class=ScopedSession,
         )
+        # SQLite has one writer at a time. This process's writers take turns here, in order,
+        # instead of all polling SQLite's busy handler, which is unfair and which a burst of
+        # writers outwaits ("database is locked"); other processes meet us at the file's lock.
+        self._write_turn = None if self._postgres else asyncio.Lock()
 
     @classmethod
     async def connect(cls, settings: DatabaseSettings) -> Self:
@@ -108,13 +113,31 @@ class Database:
     ) -> AsyncIterator[AsyncSession]:
         # Commits once when the block ends, rolls back when anything escapes it.
         sessions = self._read_sessions if read_only else self._sessions
-        with translate_errors():
-            async with sessions() as session:
-                bind_scope(session.sync_session, scope)
-                async with session.begin():
-                    if self._postgres:
-                        await session.execute(_ENTER_SCOPE, _scope_settings(scope))
-                    yield session
+        turn = self._write_turn if not read_only else None
+        if turn is not None:
+            await self._wait_for(turn)
+        try:
+            with translate_errors():
+                async with sessions() as session:
+                    bind_scope(session.sync_session, scope)
+                    async with session.begin():
+                        if self._postgres:
+                            await session.execute(_ENTER_SCOPE, _scope_settings(scope))
+                        yield session
+        finally:
+            if turn is not None:
+                turn.release()
+
+    async def _wait_for(self, turn: asyncio.Lock) -> None:
+        try:
+            await asyncio.wait_for(turn.acquire(), self._settings.write_wait_s)
+        except TimeoutError:
+            raise OverloadedError(
+                f"the database's writes are queued past {self._settings.write_wait_s:g} s; "
+                "nothing was written, retry shortly",
+                quota="database_writes",
+                retry_after_s=1.0,
+            ) from None
 
     async def close(self) -> None:
         """Close every pooled connection; the object is unusable afterwards."""
@@ -142,6 +165,8 @@ def _create_engine(settings: DatabaseSettings) -> AsyncEngine:
     return create_async_engine(
         settings.url(),
         pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.write_wait_s,  # then a request is refused as overload (429)
         pool_pre_ping=True,  # a restarted server leaves dead connections in the pool
         connect_args={
             "timeout": settings.connect_timeout_s,

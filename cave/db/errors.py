@@ -3,6 +3,7 @@
 ```
 IntegrityError (unique, foreign key, check)        -> ConflictError
 row-level security refused a row (42501 + RLS)      -> NamespaceMismatchError
+SQLite busy ("database is locked"), pool exhausted   -> OverloadedError (429, retry)
 lost/refused connection, admin shutdown, timeouts   -> DatabaseUnavailableError
 anything else (a bug in our SQL)                    -> unchanged
 ```
@@ -24,6 +25,7 @@ from cave.errors import (
     ConflictError,
     DatabaseUnavailableError,
     NamespaceMismatchError,
+    OverloadedError,
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -33,7 +35,6 @@ _UNAVAILABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300", "53400")
 # Raised unwrapped when the pool opens a new connection (refused, reset, DNS, connect timeout).
 # Not every OSError: a FileNotFoundError of the caller's own code is no database outage.
 _LOST = (
-    sa_exc.TimeoutError,
     sa_exc.DisconnectionError,
     ConnectionError,
     TimeoutError,
@@ -45,6 +46,14 @@ def translate_error(error: BaseException) -> CaveError | None:
     """The CAVE error that `error` means, or None when it is not ours to translate."""
     if isinstance(error, sa_exc.IntegrityError):
         return ConflictError(f"conflicts with existing data: {reason(error)}")
+    if isinstance(error, sa_exc.TimeoutError) or _busy(error):
+        # Every connection is in use, or another process held SQLite's write lock past the busy
+        # timeout: load, not an outage; nothing was written.
+        return OverloadedError(
+            f"the database is busy ({reason(error)}); nothing was written, retry shortly",
+            quota="database_writes",
+            retry_after_s=1.0,
+        )
     if isinstance(error, sa_exc.DBAPIError):
         state = _sqlstate(error)
         if state == "42501" and "row-level security" in reason(error):
@@ -55,6 +64,11 @@ def translate_error(error: BaseException) -> CaveError | None:
     if isinstance(error, _LOST):
         return DatabaseUnavailableError(f"database unavailable: {reason(error)}")
     return None
+
+
+def _busy(error: BaseException) -> bool:
+    """SQLite's SQLITE_BUSY / SQLITE_LOCKED, whichever words the driver uses."""
+    return isinstance(error, sa_exc.OperationalError) and "is locked" in reason(error)
 
 
 def reason(error: BaseException) -> str:

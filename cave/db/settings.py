@@ -53,6 +53,10 @@ class DatabaseSettings(BaseModel, frozen=True, extra="forbid"):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     busy_timeout_s: float = Field(default=5.0, gt=0)
     pool_size: int = Field(default=5, gt=0)
+    max_overflow: int = Field(default=10, ge=0)  # PostgreSQL: connections beyond pool_size
+    # How long a write waits for its turn (SQLite: this process's queue for the file's write
+    # lock; PostgreSQL: a pooled connection) before the request is refused as overload (429).
+    write_wait_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _one_backend(self) -> Self:

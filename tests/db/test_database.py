@@ -19,7 +19,13 @@ from cave.db import (
     load_database_settings,
     translate_errors,
 )
-from cave.errors import ConfigError, ConflictError, DatabaseUnavailableError, InvalidArgumentError
+from cave.errors import (
+    ConfigError,
+    ConflictError,
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+    OverloadedError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -182,8 +188,11 @@ def test_translate_errors_as_context_manager() -> None:
         translate_errors(),
     ):
         raise _integrity()
-    with pytest.raises(DatabaseUnavailableError, match="database is locked"), translate_errors():
+    # Another process held SQLite's write lock past the busy timeout: load (429), not an outage.
+    with pytest.raises(OverloadedError, match="database is locked"), translate_errors():
         raise OperationalError("BEGIN", {}, Exception("database is locked"))
+    with pytest.raises(DatabaseUnavailableError, match="disk I/O error"), translate_errors():
+        raise OperationalError("BEGIN", {}, Exception("disk I/O error"))
     # A bug in our SQL stays visible as what it is.
     with pytest.raises(ProgrammingError), translate_errors():
         raise ProgrammingError("SELEC 1", {}, Exception("syntax error"))
