@@ -18,6 +18,7 @@ from ray.actor import ActorHandle
 
 from actors.placement import (
     DEFAULT_POOL,
+    Capacity,
     SandboxNode,
     demand_bundles,
     fits_somewhere,
@@ -46,7 +47,7 @@ class DirectoryService:
         self._nodes: dict[str, SandboxNode] = {}
         self._alive: set[str] = set()
         self._nodes_at = 0.0
-        self._max_per_node = 0
+        self._capacity: Capacity | int = 0
         self._demand_published = False
         if ray.is_initialized():
             self._restore()
@@ -83,7 +84,7 @@ class DirectoryService:
         self,
         sandbox_id: str,
         pool: str = DEFAULT_POOL,
-        max_per_node: int = 16,
+        capacity: Capacity | int = 16,
         wait: bool = False,
         memory_bytes: int = 0,
         overcommit: float = 1.0,
@@ -91,11 +92,11 @@ class DirectoryService:
         """A node for this sandbox, held until it registers; None when the pool is full.
         `wait`: the caller will ask again, so the autoscaler is told about this create.
         CapacityError when no node of the pool could take its memory even empty."""
-        self._refresh_nodes(max_per_node)
+        self._refresh_nodes(capacity)
         self._expire_reservations()
         node = self._pick(pool, memory_bytes, overcommit)
         if node is None:  # before saying "full", look at the cluster as it is now: a node may
-            self._refresh_nodes(max_per_node, force=True)  # have joined since the last look
+            self._refresh_nodes(capacity, force=True)  # have joined since the last look
             node = self._pick(pool, memory_bytes, overcommit)
         if node is None and not fits_somewhere(
             self._nodes.values(), pool, memory_bytes, overcommit
@@ -143,27 +144,27 @@ class DirectoryService:
             total[node] += self._memory.get(sandbox_id, 0)
         return dict(total)
 
-    def placement(self, max_per_node: int) -> list[tuple[str, str, int, int]]:
+    def placement(self, capacity: Capacity | int) -> list[tuple[str, str, int, int]]:
         """Each sandbox node's (id, pool, sandboxes placed, capacity), for the metrics."""
-        self._refresh_nodes(max_per_node)
+        self._refresh_nodes(capacity)
         load = self.load()
         nodes = self._nodes.values()
         return [(n.node_id, n.pool, load.get(n.node_id, 0), n.capacity) for n in nodes]
 
-    def nodes(self, max_per_node: int) -> list[SandboxNode]:
+    def nodes(self, capacity: Capacity | int) -> list[SandboxNode]:
         """The alive nodes that host sandboxes."""
-        self._refresh_nodes(max_per_node)
+        self._refresh_nodes(capacity)
         return list(self._nodes.values())
 
-    def _refresh_nodes(self, max_per_node: int, force: bool = False) -> None:
+    def _refresh_nodes(self, capacity: Capacity | int, force: bool = False) -> None:
         now = time.monotonic()
-        fresh = now - self._nodes_at < NODE_TABLE_TTL_S and max_per_node == self._max_per_node
+        fresh = now - self._nodes_at < NODE_TABLE_TTL_S and capacity == self._capacity
         if fresh and not force:
             return
         table = ray.nodes()
-        self._nodes = {n.node_id: n for n in sandbox_nodes(table, max_per_node)}
+        self._nodes = {n.node_id: n for n in sandbox_nodes(table, capacity)}
         self._alive = {n["NodeID"] for n in table if n.get("Alive")}
-        self._nodes_at, self._max_per_node = now, max_per_node
+        self._nodes_at, self._capacity = now, capacity
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()
@@ -217,7 +218,7 @@ class DirectoryService:
 
     def on_dead_nodes(self) -> list[str]:
         """The sandboxes registered on nodes that are no longer alive (checked now)."""
-        self._refresh_nodes(self._max_per_node or 1, force=True)
+        self._refresh_nodes(self._capacity or 1, force=True)
         for sandbox_id, (node, _) in list(self._reserved.items()):
             if node not in self._alive:
                 del self._reserved[sandbox_id]

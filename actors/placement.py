@@ -2,7 +2,9 @@
 
 A node offers sandboxes when it carries the custom resource `cave_sandbox`; its amount is the
 most sandboxes the node takes. A cluster where no node carries it (a laptop's `ray.init()`) uses
-every alive node, each taking `max_per_node`. The node label `cave.pool` puts a node in a pool;
+every alive node, each taking what its memory holds (`Capacity`): its Ray `memory` resource times
+the overcommit factor, over a default sandbox's memory limit; or `max_per_node` when the operator
+fixed one. The node label `cave.pool` puts a node in a pool;
 a sandbox asks for a pool by name, and one that asks for none goes to nodes of no pool.
 A node also takes sandboxes whose memory limits add up to at most its Ray `memory` resource
 times the overcommit factor (`placement.memory_overcommit`).
@@ -17,6 +19,25 @@ from typing import Any
 SANDBOX_RESOURCE = "cave_sandbox"
 POOL_LABEL = "cave.pool"
 DEFAULT_POOL = "default"  # the pool of nodes without a `cave.pool` label
+UNKNOWN_MEMORY_CAPACITY = 16  # a node that reports no `memory` resource (none known to Ray)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many sandboxes a node takes when it does not say (no `cave_sandbox` resource)."""
+
+    max_per_node: int | None = None  # fixed by the operator; None: from the node's memory
+    sandbox_memory_bytes: int = 512 * 2**20  # a default sandbox's memory limit
+    memory_overcommit: float = 1.0
+
+    def of(self, memory_bytes: int) -> int:
+        """A node's capacity from its Ray `memory` resource: as many default sandboxes as
+        its memory budget (memory x overcommit) holds, at least one."""
+        if self.max_per_node is not None:
+            return self.max_per_node
+        if memory_bytes <= 0 or self.sandbox_memory_bytes <= 0:
+            return UNKNOWN_MEMORY_CAPACITY
+        return max(1, int(memory_bytes * self.memory_overcommit // self.sandbox_memory_bytes))
 
 
 @dataclass(frozen=True)
@@ -31,20 +52,27 @@ class SandboxNode:
         return self.memory_bytes * overcommit if self.memory_bytes else float("inf")
 
 
-def sandbox_nodes(nodes: Iterable[Mapping[str, Any]], max_per_node: int) -> list[SandboxNode]:
-    """The alive nodes that host sandboxes, from `ray.nodes()` entries."""
+def sandbox_nodes(
+    nodes: Iterable[Mapping[str, Any]], capacity: Capacity | int
+) -> list[SandboxNode]:
+    """The alive nodes that host sandboxes, from `ray.nodes()` entries; `capacity`: how many
+    a node that declares none takes (an int: that many each)."""
+    rule = Capacity(max_per_node=capacity) if isinstance(capacity, int) else capacity
     alive = [n for n in nodes if n.get("Alive")]
     declared = [n for n in alive if n.get("Resources", {}).get(SANDBOX_RESOURCE, 0) > 0]
     if declared:
         return [_node(n, int(n["Resources"][SANDBOX_RESOURCE])) for n in declared]
-    return [_node(n, max_per_node) for n in alive]
+    return [_node(n, rule.of(_memory(n))) for n in alive]
+
+
+def _memory(entry: Mapping[str, Any]) -> int:
+    return int(entry.get("Resources", {}).get("memory", 0))
 
 
 def _node(entry: Mapping[str, Any], capacity: int) -> SandboxNode:
     labels = dict(entry.get("Labels") or {})
-    memory = int(entry.get("Resources", {}).get("memory", 0))
     pool = labels.get(POOL_LABEL, DEFAULT_POOL)
-    return SandboxNode(entry["NodeID"], capacity, pool, labels, memory)
+    return SandboxNode(entry["NodeID"], capacity, pool, labels, _memory(entry))
 
 
 def pick(

@@ -16,7 +16,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from actors.handles import choose_node, directory, translated, warm_pool
 from actors.isolation.guarantees import Isolation
 from actors.isolation.results import ExecResult, OutputChunk
-from actors.placement import DEFAULT_POOL, SandboxNode
+from actors.placement import DEFAULT_POOL, Capacity, SandboxNode
 from actors.sandbox_actor import ExecOutput, SandboxInfo
 from cave.errors import (
     CapacityError,
@@ -30,6 +30,15 @@ from config.settings import SandboxLimits, Settings
 T = TypeVar("T")
 PROBE_TIMEOUT_S = 5.0
 WAIT_POLL_S = 0.25  # how often a create waiting for room asks again
+
+
+def capacity(settings: Settings) -> Capacity:
+    """How many sandboxes a node that declares none takes, by these settings."""
+    return Capacity(
+        settings.placement.max_per_node,
+        settings.defaults.memory_bytes,
+        settings.placement.memory_overcommit,
+    )
 
 
 async def call(sandbox_id: str, ref: Awaitable[T]) -> T:
@@ -56,7 +65,7 @@ async def reserve(
                 places.reserve.remote(
                     sandbox_id,
                     pool,
-                    settings.placement.max_per_node,
+                    capacity(settings),
                     wait_s > 0,
                     memory_bytes,
                     settings.placement.memory_overcommit,
@@ -110,7 +119,7 @@ async def release(sandbox_id: str) -> None:
 
 async def ensure_pools(settings: Settings) -> int:
     """Start the warm pool of every sandbox node that has none yet; returns how many nodes."""
-    nodes: list[SandboxNode] = await directory().nodes.remote(settings.placement.max_per_node)
+    nodes: list[SandboxNode] = await directory().nodes.remote(capacity(settings))
     for node in nodes:
         await asyncio.to_thread(warm_pool, node.node_id, settings)  # cached after the first
     return len(nodes)
@@ -119,7 +128,7 @@ async def ensure_pools(settings: Settings) -> int:
 async def isolation_by_node(settings: Settings) -> dict[str, Isolation | CaveError]:
     """What each sandbox node's warm pool gives its sandboxes, or why it refuses to start any
     (IsolationUnavailableError under CAVE_ENV=production); pools are started where missing."""
-    nodes: list[SandboxNode] = await directory().nodes.remote(settings.placement.max_per_node)
+    nodes: list[SandboxNode] = await directory().nodes.remote(capacity(settings))
     pools = [await asyncio.to_thread(warm_pool, n.node_id, settings) for n in nodes]
     reports = await asyncio.gather(
         *(
@@ -138,9 +147,7 @@ async def isolation_by_node(settings: Settings) -> dict[str, Isolation | CaveErr
 
 async def node_load(settings: Settings) -> list[tuple[str, str, int, int]]:
     """Each sandbox node's (id, pool, sandboxes placed, capacity)."""
-    load: list[tuple[str, str, int, int]] = await directory().placement.remote(
-        settings.placement.max_per_node
-    )
+    load: list[tuple[str, str, int, int]] = await directory().placement.remote(capacity(settings))
     return load
 
 

@@ -171,12 +171,16 @@ class PoolSettings(BaseModel, frozen=True, extra="forbid"):
 class PlacementSettings(BaseModel, frozen=True, extra="forbid"):
     """Where sandboxes go: see docs/placement.md."""
 
-    max_per_node: int = env_field(
+    max_per_node: int | None = env_field(
         "CAVE_MAX_SANDBOXES_PER_NODE",
+        None,
         ge=1,
+        blank_is_unset=True,
+        shown_default="unset: from the node's memory",
         description=(
             "Most sandboxes on a node that does not declare its own number (its `cave_sandbox` "
-            "resource); see placement.md"
+            "resource); unset, a node takes as many default sandboxes as its Ray `memory` x "
+            "`memory_overcommit` holds; see placement.md"
         ),
     )
     max_wait_s: float = env_field(
@@ -195,7 +199,7 @@ class PlacementSettings(BaseModel, frozen=True, extra="forbid"):
     # Limits are ceilings that most sandboxes never reach (docs/placement.md).
     memory_overcommit: float = env_field(
         "CAVE_MEMORY_OVERCOMMIT",
-        2.0,
+        4.0,
         gt=0,
         le=100,
         description=(

@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from actors.placement import SandboxNode, demand_bundles, fits_somewhere, pick, sandbox_nodes
+from actors.placement import (
+    UNKNOWN_MEMORY_CAPACITY,
+    Capacity,
+    SandboxNode,
+    demand_bundles,
+    fits_somewhere,
+    pick,
+    sandbox_nodes,
+)
 from cave.errors import ConfigError
 from config.settings import load_settings
 
@@ -18,12 +26,12 @@ def entry(node_id: str, alive: bool = True, slots: int | None = None, **labels: 
 
 def test_only_nodes_declaring_cave_sandbox_take_sandboxes_with_their_own_capacity() -> None:
     table = [entry("head"), entry("a", slots=50), entry("b", slots=10), entry("dead", False, 50)]
-    nodes = sandbox_nodes(table, max_per_node=16)
+    nodes = sandbox_nodes(table, 16)
     assert [(n.node_id, n.capacity) for n in nodes] == [("a", 50), ("b", 10)]
 
 
 def test_a_cluster_where_no_node_declares_it_uses_every_alive_node() -> None:
-    nodes = sandbox_nodes([entry("one"), entry("two"), entry("gone", False)], max_per_node=16)
+    nodes = sandbox_nodes([entry("one"), entry("two"), entry("gone", False)], 16)
     assert [(n.node_id, n.capacity) for n in nodes] == [("one", 16), ("two", 16)]
 
 
@@ -75,7 +83,8 @@ def test_without_named_pools_default_demand_needs_no_selector() -> None:
 
 def test_placement_settings_come_from_the_file_and_the_environment() -> None:
     settings = load_settings(env={})
-    assert settings.placement.max_per_node == 16
+    assert settings.placement.max_per_node is None  # from each node's memory
+    assert settings.placement.memory_overcommit == 4.0
     assert settings.placement.restricted_pools == ("trusted",)
     changed = load_settings(
         env={"CAVE_MAX_SANDBOXES_PER_NODE": "40", "CAVE_PLACEMENT_MAX_WAIT_S": "10"}
@@ -108,3 +117,33 @@ def test_the_memory_of_a_node_is_its_ray_memory_resource() -> None:
     assert sandbox_nodes([node], 16)[0].memory_bytes == 3 * 2**30
     unknown = SandboxNode("u", 1)  # no memory resource: memory is not what limits it
     assert pick([unknown], {}, memory_bytes=2**50) == "u"
+
+
+def test_a_node_that_declares_nothing_takes_what_its_memory_holds() -> None:
+    gib = 2**30
+    small, big, unknown = entry("small"), entry("big"), entry("unknown")
+    small["Resources"]["memory"], big["Resources"]["memory"] = 2.0 * gib, 16.0 * gib
+    rule = Capacity(sandbox_memory_bytes=gib // 2, memory_overcommit=4.0)
+    nodes = sandbox_nodes([small, big, unknown], rule)
+    assert [(n.node_id, n.capacity) for n in nodes] == [
+        ("small", 16),  # 2 GiB x 4 / 512 MiB
+        ("big", 128),
+        ("unknown", UNKNOWN_MEMORY_CAPACITY),  # Ray knows no memory: a fixed number
+    ]
+    fixed = Capacity(max_per_node=40, sandbox_memory_bytes=gib // 2, memory_overcommit=4.0)
+    assert {n.capacity for n in sandbox_nodes([small, big], fixed)} == {40}  # the operator's
+    declared = entry("declared", slots=3)
+    declared["Resources"]["memory"] = 16.0 * gib
+    assert sandbox_nodes([declared], rule)[0].capacity == 3  # `cave_sandbox` wins
+    tiny = Capacity(sandbox_memory_bytes=64 * gib, memory_overcommit=1.0)
+    assert sandbox_nodes([small], tiny)[0].capacity == 1  # never zero
+
+
+def test_the_derived_capacity_follows_the_default_limits_and_the_overcommit() -> None:
+    from actors.remote import capacity
+
+    settings = load_settings(env={"CAVE_DEFAULT_MEMORY_MB": "1024", "CAVE_MEMORY_OVERCOMMIT": "2"})
+    assert capacity(settings) == Capacity(None, 1024 * 2**20, 2.0)
+    assert capacity(settings).of(8 * 2**30) == 16
+    fixed = load_settings(env={"CAVE_MAX_SANDBOXES_PER_NODE": "7"})
+    assert capacity(fixed).of(8 * 2**30) == 7

@@ -211,7 +211,8 @@ def test_an_idle_sandbox_is_stopped_by_the_default_idle_timeout(tuned: ApiServer
 def test_a_sandbox_bigger_than_any_node_is_refused(tuned: ApiServer) -> None:
     namespace = fresh_namespace("q-big")
     biggest = max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"])
-    memory_mb = int(biggest * 2.0 / 2**20) + 1  # above memory x the default overcommit
+    overcommit = load_settings({}).placement.memory_overcommit  # the default's
+    memory_mb = int(biggest * overcommit / 2**20) + 1  # above memory x the overcommit
     with tuned.client() as admin:
         set_quotas(admin, namespace, memory_mb=10 * memory_mb)  # the node refuses, not the quota
         refused = create(admin, namespace, limits={"memory_mb": memory_mb})
