@@ -7,7 +7,7 @@ import base64
 import os
 import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ class ApiServer:
     url: str
     admin_key: str
     env: dict[str, str]
+    models: list[dict[str, Any]] = field(default_factory=list)  # its engines: keep on redeploy
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
@@ -69,11 +70,23 @@ def api_server(
     ]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"env": env, "models": models}), name=APP_NAME, route_prefix="/")
-    server = ApiServer(f"http://127.0.0.1:{port}", admin_key, env)
+    server = ApiServer(f"http://127.0.0.1:{port}", admin_key, env, models)
     with server.client() as client:
         poll_until(lambda: client.get("/readyz").status_code == 200, timeout_s=60)
     yield server
     serve.shutdown()
+
+
+def redeploy(api_server: ApiServer, env: dict[str, str]) -> None:
+    """The session's API with other settings (its replicas replaced); its engines stay."""
+    from ray import serve
+
+    from deployments.http.app import APP_NAME, build_app
+
+    app = build_app({"env": env, "models": api_server.models})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    with api_server.client() as client:
+        poll_until(lambda: client.get("/readyz").status_code == 200, 60, "API ready")
 
 
 class HasClient(Protocol):

@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from actors.handles import directory
-from tests.api.conftest import ApiServer
-from tests.api.test_quotas import fresh_namespace, redeploy
+from tests.api.conftest import ApiServer, redeploy
+from tests.api.test_quotas import fresh_namespace
 
 BURST = 24
 ROOM = 4  # places left on the node for this test's burst

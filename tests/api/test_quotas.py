@@ -15,14 +15,12 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from ray import serve
 
 from cave.db import Database, NamespaceRow, SandboxRow
 from cave.errors import QuotaExceededError
 from config.settings import QuotaSettings, load_settings
-from deployments.http.app import APP_NAME, build_app
 from deployments.sandboxes import quotas
-from tests.api.conftest import ApiServer
+from tests.api.conftest import ApiServer, redeploy
 from tests.db.conftest import anyio_backend, backend, db, pg_database, target  # noqa: F401
 from tests.support import poll_until
 
@@ -187,12 +185,6 @@ def tuned(api_server: ApiServer) -> Iterator[ApiServer]:
         yield api_server
     finally:
         redeploy(api_server, api_server.env)
-
-
-def redeploy(api_server: ApiServer, env: dict[str, str]) -> None:
-    serve.run(build_app({"env": env}), name=APP_NAME, route_prefix="/")
-    with api_server.client() as client:
-        poll_until(lambda: client.get("/readyz").status_code == 200, 60, "API ready")
 
 
 def test_an_idle_sandbox_is_stopped_by_the_default_idle_timeout(tuned: ApiServer) -> None:

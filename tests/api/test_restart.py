@@ -8,20 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray import serve
 
-from deployments.http.app import APP_NAME, build_app
-from tests.api.conftest import ApiServer
+from tests.api.conftest import ApiServer, redeploy
 from tests.support import poll_until
 
 # Not a setting anyone reads: a changed deployment argument is what makes Serve replace replicas.
 MARKER = "TEST_RESTART_GENERATION"
-
-
-def redeploy(api_server: ApiServer, env: dict[str, str]) -> None:
-    serve.run(build_app({"env": env}), name=APP_NAME, route_prefix="/")
-    with api_server.client() as client:
-        poll_until(lambda: client.get("/readyz").status_code == 200, 60, "API ready")
 
 
 def audit_logs(api_server: ApiServer) -> set[Path]:
