@@ -47,7 +47,7 @@ class DirectoryService:
         self._nodes: dict[str, SandboxNode] = {}
         self._alive: set[str] = set()
         self._nodes_at = 0.0
-        self._capacity: Capacity | int = 0
+        self._capacity = Capacity(max_per_node=1)  # until a caller says what it is
         self._demand_published = False
         if ray.is_initialized():
             self._restore()
@@ -84,7 +84,7 @@ class DirectoryService:
         self,
         sandbox_id: str,
         pool: str = DEFAULT_POOL,
-        capacity: Capacity | int = 16,
+        capacity: Capacity = Capacity(max_per_node=16),  # noqa: B008 (frozen: shared safely)
         wait: bool = False,
         memory_bytes: int = 0,
         overcommit: float = 1.0,
@@ -144,19 +144,19 @@ class DirectoryService:
             total[node] += self._memory.get(sandbox_id, 0)
         return dict(total)
 
-    def placement(self, capacity: Capacity | int) -> list[tuple[str, str, int, int]]:
+    def placement(self, capacity: Capacity) -> list[tuple[str, str, int, int]]:
         """Each sandbox node's (id, pool, sandboxes placed, capacity), for the metrics."""
         self._refresh_nodes(capacity)
         load = self.load()
         nodes = self._nodes.values()
         return [(n.node_id, n.pool, load.get(n.node_id, 0), n.capacity) for n in nodes]
 
-    def nodes(self, capacity: Capacity | int) -> list[SandboxNode]:
+    def nodes(self, capacity: Capacity) -> list[SandboxNode]:
         """The alive nodes that host sandboxes."""
         self._refresh_nodes(capacity)
         return list(self._nodes.values())
 
-    def _refresh_nodes(self, capacity: Capacity | int, force: bool = False) -> None:
+    def _refresh_nodes(self, capacity: Capacity, force: bool = False) -> None:
         now = time.monotonic()
         fresh = now - self._nodes_at < NODE_TABLE_TTL_S and capacity == self._capacity
         if fresh and not force:
@@ -218,7 +218,7 @@ class DirectoryService:
 
     def on_dead_nodes(self) -> list[str]:
         """The sandboxes registered on nodes that are no longer alive (checked now)."""
-        self._refresh_nodes(self._capacity or 1, force=True)
+        self._refresh_nodes(self._capacity, force=True)
         for sandbox_id, (node, _) in list(self._reserved.items()):
             if node not in self._alive:
                 del self._reserved[sandbox_id]

@@ -52,17 +52,14 @@ class SandboxNode:
         return self.memory_bytes * overcommit if self.memory_bytes else float("inf")
 
 
-def sandbox_nodes(
-    nodes: Iterable[Mapping[str, Any]], capacity: Capacity | int
-) -> list[SandboxNode]:
+def sandbox_nodes(nodes: Iterable[Mapping[str, Any]], capacity: Capacity) -> list[SandboxNode]:
     """The alive nodes that host sandboxes, from `ray.nodes()` entries; `capacity`: how many
-    a node that declares none takes (an int: that many each)."""
-    rule = Capacity(max_per_node=capacity) if isinstance(capacity, int) else capacity
+    a node that declares none takes."""
     alive = [n for n in nodes if n.get("Alive")]
     declared = [n for n in alive if n.get("Resources", {}).get(SANDBOX_RESOURCE, 0) > 0]
     if declared:
         return [_node(n, int(n["Resources"][SANDBOX_RESOURCE])) for n in declared]
-    return [_node(n, rule.of(_memory(n))) for n in alive]
+    return [_node(n, capacity.of(_memory(n))) for n in alive]
 
 
 def _memory(entry: Mapping[str, Any]) -> int:

@@ -95,8 +95,11 @@ class SandboxHandle:
             _get(self.actor.close_stdin.remote(exec_id))
 
     def run(self, command: str | list[str], **kwargs: object) -> ExecOutput:
-        """Run to completion in one actor call."""
-        return _blocking(remote.run(self.actor, self.id, command, **kwargs))
+        """Run to completion in one actor call (a plain ray.get: an exec is a driver's hot path,
+        no event loop is started for it)."""
+        with translated(self.id):
+            output: ExecOutput = _get(self.actor.run.remote(command, **kwargs))
+            return output
 
     def info(self) -> SandboxInfo:
         with translated(self.id):

@@ -26,17 +26,19 @@ def entry(node_id: str, alive: bool = True, slots: int | None = None, **labels: 
 
 def test_only_nodes_declaring_cave_sandbox_take_sandboxes_with_their_own_capacity() -> None:
     table = [entry("head"), entry("a", slots=50), entry("b", slots=10), entry("dead", False, 50)]
-    nodes = sandbox_nodes(table, 16)
+    nodes = sandbox_nodes(table, Capacity(16))
     assert [(n.node_id, n.capacity) for n in nodes] == [("a", 50), ("b", 10)]
 
 
 def test_a_cluster_where_no_node_declares_it_uses_every_alive_node() -> None:
-    nodes = sandbox_nodes([entry("one"), entry("two"), entry("gone", False)], 16)
+    nodes = sandbox_nodes([entry("one"), entry("two"), entry("gone", False)], Capacity(16))
     assert [(n.node_id, n.capacity) for n in nodes] == [("one", 16), ("two", 16)]
 
 
 def test_the_pool_comes_from_the_cave_pool_label() -> None:
-    nodes = sandbox_nodes([entry("t", slots=2, **{"cave.pool": "trusted"}), entry("d", slots=2)], 1)
+    nodes = sandbox_nodes(
+        [entry("t", slots=2, **{"cave.pool": "trusted"}), entry("d", slots=2)], Capacity(1)
+    )
     assert {n.node_id: n.pool for n in nodes} == {"t": "trusted", "d": "default"}
 
 
@@ -114,7 +116,7 @@ def test_memory_limits_placed_on_a_node_stay_within_its_budget() -> None:
 def test_the_memory_of_a_node_is_its_ray_memory_resource() -> None:
     node = entry("m", slots=4)
     node["Resources"]["memory"] = 3.0 * 2**30
-    assert sandbox_nodes([node], 16)[0].memory_bytes == 3 * 2**30
+    assert sandbox_nodes([node], Capacity(16))[0].memory_bytes == 3 * 2**30
     unknown = SandboxNode("u", 1)  # no memory resource: memory is not what limits it
     assert pick([unknown], {}, memory_bytes=2**50) == "u"
 

@@ -17,12 +17,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from cave.db.errors import reason, translate_errors
+from cave.db.errors import overloaded, reason, translate_errors
 from cave.db.migrate import head_revision, upgrade
 from cave.db.scoping import ADMIN, NOBODY, Scope, ScopedSession, bind_scope
 from cave.db.settings import DatabaseSettings
 from cave.db.sqlite import READ_ONLY_OPTION, create_sqlite_engine, startup_lock
-from cave.errors import DatabaseUnavailableError, InvalidArgumentError, OverloadedError
+from cave.errors import DatabaseUnavailableError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,8 @@ class Database:
         try:
             await asyncio.wait_for(turn.acquire(), self._settings.write_wait_s)
         except TimeoutError:
-            raise OverloadedError(
-                f"the database's writes are queued past {self._settings.write_wait_s:g} s; "
-                "nothing was written, retry shortly",
-                quota="database_writes",
-                retry_after_s=1.0,
-            ) from None
+            wait_s = self._settings.write_wait_s
+            raise overloaded(f"the database's writes are queued past {wait_s:g} s") from None
 
     async def close(self) -> None:
         """Close every pooled connection; the object is unusable afterwards."""

@@ -48,12 +48,8 @@ def translate_error(error: BaseException) -> CaveError | None:
         return ConflictError(f"conflicts with existing data: {reason(error)}")
     if isinstance(error, sa_exc.TimeoutError) or _busy(error):
         # Every connection is in use, or another process held SQLite's write lock past the busy
-        # timeout: load, not an outage; nothing was written.
-        return OverloadedError(
-            f"the database is busy ({reason(error)}); nothing was written, retry shortly",
-            quota="database_writes",
-            retry_after_s=1.0,
-        )
+        # timeout: load, not an outage.
+        return overloaded(f"the database is busy ({reason(error)})")
     if isinstance(error, sa_exc.DBAPIError):
         state = _sqlstate(error)
         if state == "42501" and "row-level security" in reason(error):
@@ -64,6 +60,13 @@ def translate_error(error: BaseException) -> CaveError | None:
     if isinstance(error, _LOST):
         return DatabaseUnavailableError(f"database unavailable: {reason(error)}")
     return None
+
+
+def overloaded(why: str) -> OverloadedError:
+    """The database's writes are queued past their wait: a 429 with Retry-After, nothing written."""
+    return OverloadedError(
+        f"{why}; nothing was written, retry shortly", quota="database_writes", retry_after_s=1.0
+    )
 
 
 def _busy(error: BaseException) -> bool:
