@@ -14,7 +14,6 @@ from collections import Counter
 from typing import Any
 
 import ray
-from ray.actor import ActorHandle
 
 from actors.placement import (
     DEFAULT_POOL,
@@ -25,6 +24,7 @@ from actors.placement import (
     pick,
     sandbox_nodes,
 )
+from actors.sandbox_ref import SandboxRef
 from cave.errors import CapacityError, SandboxNotFoundError
 
 DIRECTORY_NAME = "cave-directory"
@@ -38,7 +38,7 @@ log = logging.getLogger("cave.placement")
 
 class DirectoryService:
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[ActorHandle, str]] = {}
+        self._entries: dict[str, tuple[SandboxRef, str]] = {}
         self._reserved: dict[str, tuple[str, float]] = {}  # sandbox id -> (node, deadline)
         self._waiting: dict[str, str] = {}  # sandbox id -> pool, creates waiting for room
         # sandbox id -> its memory limit in bytes, reserved or registered. Sandboxes restored
@@ -68,7 +68,7 @@ class DirectoryService:
         for pool in pools:
             try:
                 reply: Any = pool.claims.remote()  # Ray's stubs can't type a remote result
-                claims: dict[str, tuple[ActorHandle, str]] = ray.get(
+                claims: dict[str, tuple[SandboxRef, str]] = ray.get(
                     reply, timeout=RESTORE_TIMEOUT_S
                 )
             except Exception:  # a pool on a dead node: its sandboxes are lost anyway
@@ -194,17 +194,17 @@ class DirectoryService:
 
     # -- the directory -----------------------------------------------------------------------
 
-    def register(self, sandbox_id: str, actor: ActorHandle, node_id: str) -> None:
+    def register(self, sandbox_id: str, actor: SandboxRef, node_id: str) -> None:
         self._entries[sandbox_id] = (actor, node_id)
         self._reserved.pop(sandbox_id, None)
 
-    def lookup(self, sandbox_id: str) -> tuple[ActorHandle, str]:
+    def lookup(self, sandbox_id: str) -> tuple[SandboxRef, str]:
         try:
             return self._entries[sandbox_id]
         except KeyError:
             raise SandboxNotFoundError(f"no sandbox with id {sandbox_id!r}") from None
 
-    def actors(self, sandbox_ids: list[str]) -> dict[str, ActorHandle]:
+    def actors(self, sandbox_ids: list[str]) -> dict[str, SandboxRef]:
         """The actors of those of these sandboxes that are registered, in one call."""
         return {sid: self._entries[sid][0] for sid in sandbox_ids if sid in self._entries}
 

@@ -88,7 +88,7 @@ def _pool_of(cluster: str, node_id: str, settings: Settings) -> ActorHandle:
             get_if_exists=True,
             lifetime="detached",
             **pinned(node_id),
-        ).remote(node_id, settings.isolation, settings.defaults, settings.pool.size_per_node),
+        ).remote(node_id, settings.isolation, settings.defaults, settings.pool),
     )
 
 

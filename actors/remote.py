@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 import ray
-from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.handles import choose_node, directory, translated, warm_pool
@@ -18,6 +17,7 @@ from actors.isolation.guarantees import Isolation
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.placement import DEFAULT_POOL, Capacity, SandboxNode
 from actors.sandbox_actor import ExecOutput, SandboxInfo
+from actors.sandbox_ref import SandboxRef, StaleTicketError
 from cave.errors import (
     CapacityError,
     CaveError,
@@ -94,7 +94,7 @@ async def create(
     node_id: str | None = None,
     pool: str = DEFAULT_POOL,
     wait_s: float = 0.0,
-) -> tuple[ActorHandle, SandboxInfo]:
+) -> tuple[SandboxRef, SandboxInfo]:
     """A started sandbox from its node's warm pool, registered in the directory. `node_id`
     (already reserved, or a node asked for by name) skips placement."""
     if node_id is None:
@@ -103,7 +103,7 @@ async def create(
         node = await asyncio.to_thread(choose_node, node_id)  # ray.nodes(): a blocking GCS call
     try:
         warm = await asyncio.to_thread(warm_pool, node, settings)
-        created: tuple[ActorHandle, SandboxInfo] = await call(
+        created: tuple[SandboxRef, SandboxInfo] = await call(
             sandbox_id, warm.create.remote(sandbox_id, limits, directory())
         )
     except BaseException:
@@ -157,10 +157,10 @@ async def on_dead_nodes() -> list[str]:
     return ids
 
 
-async def lookup(sandbox_id: str) -> ActorHandle | None:
+async def lookup(sandbox_id: str) -> SandboxRef | None:
     """The sandbox's actor, or None when the directory does not know it."""
     try:
-        entry: tuple[ActorHandle, str] = await call(
+        entry: tuple[SandboxRef, str] = await call(
             sandbox_id, directory().lookup.remote(sandbox_id)
         )
     except SandboxNotFoundError:
@@ -178,7 +178,7 @@ async def dead_ids(sandbox_ids: Iterable[str], timeout_s: float = PROBE_TIMEOUT_
     dead (killed, crashed, node gone). A slow or briefly unreachable actor is not dead.
     The directory is asked for the actors, not a cache: another replica may have restarted one."""
     wanted = sorted(set(sandbox_ids))
-    actors: dict[str, ActorHandle] = await directory().actors.remote(wanted)
+    actors: dict[str, SandboxRef] = await directory().actors.remote(wanted)
     probed = sorted(actors)
     dead = await asyncio.gather(*(_is_dead(actors[sid], timeout_s) for sid in probed))
     return (set(wanted) - set(actors)) | {
@@ -186,9 +186,9 @@ async def dead_ids(sandbox_ids: Iterable[str], timeout_s: float = PROBE_TIMEOUT_
     }
 
 
-async def _is_dead(actor: ActorHandle, timeout_s: float) -> bool:
+async def _is_dead(actor: SandboxRef, timeout_s: float) -> bool:
     try:
-        await asyncio.wait_for(actor.__ray_ready__.remote(), timeout_s)
+        await asyncio.wait_for(actor.ready(), timeout_s)
     except ActorUnavailableError:
         return False  # unreachable for now (a network blip, a restarting node): ask again later
     except RayActorError:
@@ -203,28 +203,31 @@ async def forget(sandbox_id: str) -> None:
     await directory().remove.remote(sandbox_id)
 
 
-async def stop(sandbox_id: str, actor: ActorHandle | None) -> SandboxInfo | None:
-    """Stop the sandbox and end its actor; None when it was already gone."""
+async def stop(sandbox_id: str, actor: SandboxRef | None) -> SandboxInfo | None:
+    """Stop the sandbox; its actor goes back to its node's pool (or is ended, when its stop
+    fails). None when it was already gone."""
     actor = actor or await lookup(sandbox_id)
     if actor is None:
         return None
+    info: SandboxInfo | None = None
     try:
-        info: SandboxInfo | None = await call(sandbox_id, actor.stop.remote())
+        info = await call(sandbox_id, actor.stop.remote())
+    except StaleTicketError:
+        pass  # stopped through another handle: its actor may serve another sandbox by now
     except (SandboxStateError, SandboxError):
-        info = None  # already dead: what is left is the directory entry
+        ray.kill(actor.actor)  # dead, or its teardown failed: it serves no one again
     finally:
         await directory().remove.remote(sandbox_id)
-        ray.kill(actor)
     return info
 
 
-async def run(actor: ActorHandle, sandbox_id: str, argv: Any, **kwargs: Any) -> ExecOutput:
+async def run(actor: SandboxRef, sandbox_id: str, argv: Any, **kwargs: Any) -> ExecOutput:
     output: ExecOutput = await call(sandbox_id, actor.run.remote(argv, **kwargs))
     return output
 
 
 async def stream(
-    actor: ActorHandle, sandbox_id: str, argv: Any, **kwargs: Any
+    actor: SandboxRef, sandbox_id: str, argv: Any, **kwargs: Any
 ) -> AsyncIterator[Any]:
     """The exec's items as they come: OutputChunks, then the ExecResult (or an exec id first
     when interactive)."""

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
-from ray.actor import ActorHandle
 
 from actors import remote
 from actors.directory import DIRECTORY_NAME
@@ -19,6 +18,7 @@ from actors.handles import choose_node, directory, translated, warm_pool
 from actors.isolation.results import ExecResult, ExecStarted, OutputChunk
 from actors.placement import DEFAULT_POOL
 from actors.sandbox_actor import ExecOutput, SandboxInfo
+from actors.sandbox_ref import SandboxRef
 from actors.warm_pool import NAMESPACE
 from cave.errors import SandboxError, SandboxNotFoundError
 from config.settings import LimitOverrides, Settings, resolve_limits
@@ -59,7 +59,7 @@ class SandboxHandle:
 
     id: str
     node_id: str
-    actor: ActorHandle
+    actor: SandboxRef
 
     def exec_stream(
         self, command: str | list[str], **kwargs: object
@@ -107,7 +107,12 @@ class SandboxHandle:
             return info
 
     def stop(self) -> SandboxInfo:
-        return stop_sandbox(self.id)
+        """Stop the sandbox; its actor goes back to its node's pool (this handle then reaches
+        nothing: StaleTicketError)."""
+        info = _blocking(remote.stop(self.id, self.actor))
+        if info is None:
+            raise SandboxNotFoundError(f"sandbox {self.id} is stopped or unknown")
+        return info
 
 
 def create_sandbox(
@@ -127,13 +132,13 @@ def create_sandbox(
 
 def get_sandbox(sandbox_id: str) -> SandboxHandle:
     with translated(sandbox_id):
-        entry: tuple[ActorHandle, str] = _get(directory().lookup.remote(sandbox_id))
+        entry: tuple[SandboxRef, str] = _get(directory().lookup.remote(sandbox_id))
     actor, node = entry
     return SandboxHandle(sandbox_id, node, actor)
 
 
 def stop_sandbox(sandbox_id: str) -> SandboxInfo:
-    """Stop the sandbox, release everything it held, and end its actor."""
+    """Stop the sandbox and release everything it held; its actor goes back to the pool."""
     info = _blocking(remote.stop(sandbox_id, None))
     if info is None:
         raise SandboxNotFoundError(f"sandbox {sandbox_id} is stopped or unknown")

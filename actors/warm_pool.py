@@ -1,10 +1,16 @@
-"""WarmPool: a per-node actor keeping sandbox actors prepared, so a create pays no worker start."""
+"""WarmPool: a per-node actor keeping sandbox actors prepared, so a create pays no worker start.
+
+Spares come from two places: new actors, started to keep `size_per_node` ready however quiet
+the node is, and the actors of stopped sandboxes, which come back here (SandboxService.stop)
+and are prepared again while recent demand wants them (`max_per_node` at most). A burst thus
+pays its worker starts once: the next one finds the last one's actors waiting."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any, cast
 
 import ray
@@ -16,8 +22,9 @@ from actors.isolation import janitor
 from actors.isolation.backend import Backend
 from actors.isolation.guarantees import Isolation
 from actors.sandbox_actor import SandboxActor, SandboxInfo, backend_for
+from actors.sandbox_ref import SandboxRef, new_ticket
 from cave.errors import IsolationUnavailableError
-from config.settings import IsolationSettings, SandboxLimits
+from config.settings import IsolationSettings, PoolSettings, SandboxLimits
 
 log = logging.getLogger("cave.pool")
 NAMESPACE = "cave"
@@ -26,6 +33,7 @@ PRUNE_EVERY = 64  # claims between two prunes of the handed-out list
 REFILL_DELAY_S = 0.05
 SPARE_WAIT_S = 30.0  # a create waiting for a spare in preparation starts its own after this
 REPROBE_S = 30.0  # a node that refused to isolate is probed again after this (fixed meanwhile?)
+TRIM_EVERY_S = 15.0  # how often an idle pool looks whether it holds more spares than wanted
 
 
 def pool_name(node_id: str) -> str:
@@ -38,20 +46,31 @@ def pinned(node_id: str) -> dict[str, Any]:
 
 
 class PoolService:
-    """Keeps `size` prepared sandbox actors on one node and refills in the background."""
+    """Keeps prepared sandbox actors on one node: at least `size_per_node`, more while recent
+    demand wants them (see the module's doc)."""
 
     def __init__(
-        self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits, size: int
+        self,
+        node_id: str,
+        isolation: IsolationSettings,
+        defaults: SandboxLimits,
+        settings: PoolSettings,
     ) -> None:
-        self.node_id, self.isolation, self.size = node_id, isolation, size
+        self.node_id, self.isolation, self.settings = node_id, isolation, settings
+        self.size = settings.size_per_node  # the floor; drain sets it to 0
+        self.ceiling = max(settings.max_per_node, self.size)
         self.defaults = defaults  # spares are built with these; a claim may change them
         self._ready: asyncio.Queue[ActorHandle] = asyncio.Queue()
         self._filling = 0
         self._waiting = 0  # creates waiting for a spare being prepared
+        self._demand: deque[float] = deque()  # when the creates of the last idle_s came
         self.created = 0
+        self.recycled = 0
+        self.retired = 0
         # What this pool handed out, so that a restarted directory can learn it again.
-        self._claimed: dict[str, ActorHandle] = {}
+        self._claimed: dict[str, SandboxRef] = {}
         self._refused: tuple[str, float] | None = None  # why this node cannot isolate, and when
+        self._me: ActorHandle | None = None  # this pool as an actor: where stopped actors return
 
     def _backend(self) -> Backend:
         """This node's backend; IsolationUnavailableError, remembered a while, when it refuses
@@ -75,7 +94,14 @@ class PoolService:
     def _new_actor(self) -> ActorHandle:
         self.created += 1
         options = pinned(self.node_id)
-        return cast(ActorHandle, SandboxActor.options(**options).remote(self.isolation))
+        return cast(ActorHandle, SandboxActor.options(**options).remote(self.isolation, self._me))
+
+    def target(self) -> int:
+        """Spares wanted now: the creates of the last idle_s, between the floor and ceiling."""
+        horizon = time.monotonic() - self.settings.idle_s
+        while self._demand and self._demand[0] < horizon:
+            self._demand.popleft()
+        return min(self.ceiling, max(self.size, len(self._demand)))
 
     async def _prepare_one(self) -> None:
         self._filling += 1
@@ -129,18 +155,21 @@ class PoolService:
 
     async def create(
         self, sandbox_id: str, limits: SandboxLimits, directory: ActorHandle
-    ) -> tuple[ActorHandle, SandboxInfo]:
+    ) -> tuple[SandboxRef, SandboxInfo]:
         """Claim a spare, start it with these limits and register it: one call for the client.
 
         The pool already talks to its spares and to the directory, so the calls that follow the
         claim cost no address lookups, which a client's first call to a new actor does.
         """
         self._backend()  # a node that cannot isolate refuses before any actor starts
+        self._demand.append(time.monotonic())
         actor = await self._take()
         try:
-            info: SandboxInfo = await actor.start.remote(sandbox_id, limits)
-            await directory.register.remote(sandbox_id, actor, self.node_id)
-            self._claimed[sandbox_id] = actor
+            ticket = new_ticket()
+            info: SandboxInfo = await actor.start.remote(sandbox_id, limits, ticket)
+            ref = SandboxRef(actor, ticket)
+            await directory.register.remote(sandbox_id, ref, self.node_id)
+            self._claimed[sandbox_id] = ref
             if len(self._claimed) % PRUNE_EVERY == 0:
                 asyncio.ensure_future(self.claims())  # forget the stopped ones now and then
         except BaseException:
@@ -148,14 +177,53 @@ class PoolService:
             raise
         finally:
             self._refill_after_reply()
-        return actor, info
+        return ref, info
 
-    async def claims(self, timeout_s: float = 5.0) -> dict[str, tuple[ActorHandle, str]]:
+    async def recycle(self, sandbox_id: str, actor: ActorHandle, incarnations: int) -> None:
+        """A stopped sandbox's actor, back from its stop (torn down, its sandbox forgotten):
+        prepared again as a spare while demand wants one, else ended."""
+        claimed = self._claimed.pop(sandbox_id, None)
+        if claimed is None:  # not one of this pool's (it restarted meanwhile): not reused
+            ray.kill(actor)
+            return
+        # The pool's own handle, not the one the actor sent: an actor's handle to itself does
+        # not keep it alive, and this pool's handle is the one that owns it.
+        actor = claimed.actor
+        worn = incarnations >= self.settings.max_incarnations
+        if worn or self._ready.qsize() + self._filling >= self.target():
+            self.retired += 1
+            ray.kill(actor)
+            return
+        self._filling += 1
+        try:
+            await actor.prepare.remote(self.defaults)
+            self._ready.put_nowait(actor)
+            self.recycled += 1
+        except Exception:  # not fit to serve again: end it; the floor's refill replaces it
+            log.warning("a recycled sandbox actor on node %s failed", self.node_id, exc_info=True)
+            ray.kill(actor)
+        finally:
+            self._filling -= 1
+
+    async def trim(self) -> int:
+        """End the spares above what demand wants now (the pool shrinks when idle); how many."""
+        ended = 0
+        while self._ready.qsize() > self.target():
+            actor = self._ready.get_nowait()
+            ended += 1
+            self.retired += 1
+            try:
+                await actor.discard.remote()
+            except Exception:  # its sandbox's leftovers are the janitor's
+                log.warning("discarding a spare on node %s failed", self.node_id, exc_info=True)
+            finally:
+                ray.kill(actor)
+        return ended
+
+    async def claims(self, timeout_s: float = 5.0) -> dict[str, tuple[SandboxRef, str]]:
         """The sandboxes this pool handed out whose actors still live (the stopped ones are
         forgotten here): what the directory registers again after a restart."""
-        probes: dict[str, Any] = {
-            sid: actor.__ray_ready__.remote() for sid, actor in self._claimed.items()
-        }
+        probes: dict[str, Any] = {sid: ref.ready() for sid, ref in self._claimed.items()}
         for sandbox_id, probe in probes.items():
             try:
                 await asyncio.wait_for(probe, timeout_s)
@@ -163,20 +231,23 @@ class PoolService:
                 self._claimed.pop(sandbox_id, None)
             except TimeoutError:
                 pass  # busy or briefly unreachable is not dead
-        return {sid: (actor, self.node_id) for sid, actor in self._claimed.items()}
+        return {sid: (ref, self.node_id) for sid, ref in self._claimed.items()}
 
     def stats(self) -> dict[str, int]:
         return {
             "ready": self._ready.qsize(),
             "filling": self._filling,
             "size": self.size,
+            "target": self.target(),
             "created": self.created,
+            "recycled": self.recycled,
+            "retired": self.retired,
             "refused": int(self._refused is not None),
         }
 
     async def drain(self) -> None:
-        """Discard the spares (their standby launchers) and stop refilling."""
-        self.size = 0
+        """Discard the spares (their standby launchers) and stop refilling and recycling."""
+        self.size = self.ceiling = 0
         while not self._ready.empty():
             actor = self._ready.get_nowait()
             try:
@@ -186,13 +257,24 @@ class PoolService:
 
 
 class _FillingPool(PoolService):
-    """As a Ray actor the pool starts filling at once, not at its first call."""
+    """As a Ray actor the pool starts filling at once, not at its first call, takes back the
+    actors of stopped sandboxes, and trims itself when idle."""
 
     def __init__(
-        self, node_id: str, isolation: IsolationSettings, defaults: SandboxLimits, size: int
+        self,
+        node_id: str,
+        isolation: IsolationSettings,
+        defaults: SandboxLimits,
+        settings: PoolSettings,
     ) -> None:
-        super().__init__(node_id, isolation, defaults, size)
+        super().__init__(node_id, isolation, defaults, settings)
+        self._me = ray.get_runtime_context().current_actor
         self.refill()
+        asyncio.get_running_loop().call_later(TRIM_EVERY_S, self._tick)
+
+    def _tick(self) -> None:
+        asyncio.ensure_future(self.trim())
+        asyncio.get_running_loop().call_later(TRIM_EVERY_S, self._tick)
 
 
 WarmPool = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(_FillingPool)

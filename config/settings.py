@@ -164,7 +164,35 @@ class PoolSettings(BaseModel, frozen=True, extra="forbid"):
     size_per_node: int = env_field(
         "CAVE_POOL_SIZE",
         ge=0,
-        description="Sandboxes kept started and ready on each node; 0 disables the pool",
+        description=(
+            "Spare sandboxes each node keeps prepared at least, however quiet; 0 keeps none "
+            "when idle (the pool still reuses stopped sandboxes' actors under demand)"
+        ),
+    )
+    max_per_node: int = env_field(
+        "CAVE_POOL_MAX",
+        ge=0,
+        description=(
+            "Most spares a node keeps: under demand the pool grows toward the creates of the "
+            "last `idle_s` (by keeping stopped sandboxes' actors), never beyond this; each "
+            "spare holds a Ray worker (about 60 MiB)"
+        ),
+    )
+    idle_s: float = env_field(
+        "CAVE_POOL_IDLE_S",
+        gt=0,
+        description=(
+            "Demand is what was created in this many seconds; after this long without a create "
+            "the pool shrinks back to `size_per_node`"
+        ),
+    )
+    max_incarnations: int = env_field(
+        "CAVE_POOL_MAX_INCARNATIONS",
+        ge=1,
+        description=(
+            "Sandboxes one actor runs, one after another, before it is ended and replaced "
+            "(bounds what a long-lived worker process could accumulate)"
+        ),
     )
 
 

@@ -121,10 +121,15 @@ def test_unknown_node_is_a_capacity_error() -> None:
 
 def test_warm_pool_refills(settings: Settings) -> None:
     pool = warm_pool(ray.get_runtime_context().get_node_id(), settings)
-    _poll(lambda: ray.get(pool.stats.remote())["ready"] == settings.pool.size_per_node)
+
+    def floor_ready() -> bool:  # the pool's own floor: an earlier test may have made the pool
+        stats = ray.get(pool.stats.remote())
+        return bool(stats["ready"] >= stats["size"] > 0)
+
+    _poll(floor_ready)
     sandbox = create_sandbox(settings)
     stop_sandbox(sandbox.id)
-    _poll(lambda: ray.get(pool.stats.remote())["ready"] == settings.pool.size_per_node)
+    _poll(floor_ready)
 
 
 def _marked_pids(marker: str) -> list[str]:
@@ -146,7 +151,7 @@ def test_killed_actor_leaves_nothing_behind(settings: Settings) -> None:
     sleeper = f"python3 -c 'import time; time.sleep(1000)' {marker}"
     running = sandbox.actor.exec.remote(f"({sleeper} &); {sleeper}")
     _poll(lambda: len(_marked_pids(marker)) == 2)
-    ray.kill(sandbox.actor)  # no stop(): the actor dies as on a crash
+    ray.kill(sandbox.actor.actor)  # no stop(): the actor dies as on a crash
     _poll(lambda: not _marked_pids(marker), 30)
     del running
     # Its cgroup and directory go at the pool's next sweep, which follows every claim.

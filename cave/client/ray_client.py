@@ -2,8 +2,8 @@
 
 Lifecycle, exec and file calls go to the API deployment through a Serve `DeploymentHandle`, with
 the same key, scopes, records and audit as over HTTP. `actor(sandbox_id)` hands out the sandbox's
-own actor handle for direct `ray.get` calls: the fastest path, for trusted code in the cluster,
-and one that writes no per-exec record or audit event.
+own actor, bound to that sandbox, for direct `ray.get` calls: the fastest path, for trusted code
+in the cluster, and one that writes no per-exec record or audit event.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 from ray import serve
-from ray.actor import ActorHandle
 from ray.exceptions import RayTaskError
 
 from cave.errors import AuthError, CaveError
@@ -73,10 +72,12 @@ class RayCave:
         data: bytes = self._call("read_file", sandbox_id, path)
         return data
 
-    def actor(self, sandbox_id: str) -> ActorHandle:
-        """The sandbox actor itself: `ray.get(actor.run.remote("echo hi"))` (unaudited)."""
+    def actor(self, sandbox_id: str) -> Any:
+        """The sandbox's actor, bound to this sandbox (an `actors.sandbox_ref.SandboxRef`, read
+        like an actor handle): `ray.get(actor.run.remote("echo hi"))` (unaudited). Once the
+        sandbox stops, its calls fail with SandboxStateError: the actor serves another."""
         try:
-            handle: ActorHandle = self._handle.actor_of.remote(self._key, sandbox_id).result()
+            handle: Any = self._handle.actor_of.remote(self._key, sandbox_id).result()
         except RayTaskError as exc:
             if isinstance(exc.cause, CaveError):
                 raise exc.cause from None

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from ray.actor import ActorHandle
-
 from actors import remote
 from actors.isolation.results import ExecResult, FileEntry, OutputChunk
 from actors.sandbox_actor import command_argv
+from actors.sandbox_ref import SandboxRef
 from cave.audit.trail import AuditTrail
 from cave.auth.keys import Principal
 from cave.db import Database, ExecutionRow, SandboxRow, new_id, utcnow
@@ -36,7 +35,7 @@ class Live:
     """What a replica remembers of a running sandbox: enough to authorise and call it."""
 
     namespace_id: str
-    actor: ActorHandle
+    actor: SandboxRef
 
 
 class SandboxOps:
@@ -87,7 +86,7 @@ class SandboxOps:
         principal: Principal,
         sandbox_id: str,
         scope: str,
-        call: Callable[[ActorHandle], Awaitable[T]],
+        call: Callable[[SandboxRef], Awaitable[T]],
     ) -> tuple[Live, T]:
         """Call the sandbox's actor; a cached handle that turns out dead (another replica stopped
         or restarted the sandbox) is dropped and the record consulted once more."""

@@ -72,9 +72,9 @@ def refused(call):
 
 async def dev():
     service = SandboxService(settings.isolation)
-    info = await service.start("sb-dev", limits)
-    output = await service.run(["echo", "ran"])
-    await service.stop()
+    info = await service.start("sb-dev", limits, "t")
+    output = await service.run("t", ["echo", "ran"])
+    await service.stop("t")
     row = SandboxRow(
         id="sb-dev", name="", namespace_id="default", state="running", limits=limits.model_dump(),
         labels={}, created_at=datetime.now(timezone.utc), updated_at=datetime.now(timezone.utc),
@@ -85,7 +85,7 @@ async def dev():
 if scenario == "production":
     out["select"] = refused(lambda: select_backend(settings.isolation))
     out["service"] = refused(lambda: SandboxService(settings.isolation))
-    pool = PoolService("node-1", settings.isolation, settings.defaults, 2)
+    pool = PoolService("node-1", settings.isolation, settings.defaults, settings.pool)
     pool.refill()  # what the pool actor does at its start: it must not raise, nor start spares
     out["create"] = refused(lambda: asyncio.run(pool.create("sb-1", limits, None)))
     out["report"] = refused(pool.isolation_report)
@@ -96,7 +96,7 @@ elif scenario == "select":
         out["backend"] = select_backend(settings.isolation).isolation.as_dict()
 else:
     out.update(asyncio.run(dev()))
-    pool = PoolService("n", settings.isolation, settings.defaults, 0)
+    pool = PoolService("n", settings.isolation, settings.defaults, settings.pool)
     out["pool_report"] = pool.isolation_report().as_dict()
 out["warnings"] = warnings
 print(json.dumps(out))
@@ -192,11 +192,11 @@ async def test_the_actor_reports_the_isolation_of_the_sandbox_it_runs(backend: B
 
     service = SandboxService(load_settings(env=isolation_env()).isolation)
     try:
-        info = await service.start("sb-full", LIMITS)
+        info = await service.start("sb-full", LIMITS, "t")
         assert info.isolation is not None and info.isolation == backend.isolation
         assert not info.isolation.degraded
     finally:
-        await service.discard()
+        await service.stop("t")
     async with open_sandbox(backend) as sandbox:  # what it says holds: its cgroup is there
         assert cgroup_dirs(sandbox.id), "a fully isolated sandbox without its cgroup"
         out, _, _ = await run(sandbox, "echo ok")

@@ -1,0 +1,76 @@
+"""SandboxRef: a sandbox actor's handle bound to one of its incarnations.
+
+A sandbox actor outlives its sandboxes: a stopped sandbox's actor is recycled into a new one,
+perhaps another tenant's. Whoever still holds the old handle (an API replica's cache, a driver,
+a client of `RayCave.actor`) must then reach nothing. So every call that touches a sandbox
+carries the ticket its incarnation was started with, and the actor refuses any other
+(`SandboxStateError`, as if the actor had died). The ticket is a random secret the warm pool
+makes at start; no method returns it.
+
+A ref reads like the actor handle it wraps: `ray.get(ref.run.remote("echo hi"))`.
+
+Ray itself has no authentication between the processes of a cluster: the ticket protects a
+sandbox from stale handles, not from a hostile Ray driver (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.actor import ActorHandle
+
+from cave.errors import SandboxStateError
+
+# The actor's methods that act on its current sandbox: each takes the ticket first.
+TICKETED = frozenset(
+    {
+        "info",
+        "exec",
+        "run",
+        "write_stdin",
+        "close_stdin",
+        "write_file",
+        "read_file",
+        "list_files",
+        "delete_file",
+        "stop",
+    }
+)
+
+
+class StaleTicketError(SandboxStateError):
+    """A call with the ticket of a sandbox that this actor no longer runs."""
+
+
+def new_ticket() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class _BoundMethod:
+    method: Any
+    ticket: str = field(repr=False)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.method.remote(self.ticket, *args, **kwargs)
+
+    def options(self, **options: Any) -> _BoundMethod:
+        return _BoundMethod(self.method.options(**options), self.ticket)
+
+
+@dataclass(frozen=True)
+class SandboxRef:
+    actor: ActorHandle
+    ticket: str = field(repr=False)
+
+    def __getattr__(self, name: str) -> _BoundMethod:
+        # Only reached for names the dataclass does not hold: the actor's sandbox methods.
+        if name not in TICKETED:
+            raise AttributeError(f"a sandbox ref has no method {name!r}")
+        return _BoundMethod(getattr(self.actor, name), self.ticket)
+
+    def ready(self) -> Any:
+        """An ObjectRef that resolves once the actor answers, and fails when it is dead."""
+        return self.actor.__ray_ready__.remote()
