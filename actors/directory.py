@@ -208,7 +208,12 @@ class DirectoryService:
         """The actors of those of these sandboxes that are registered, in one call."""
         return {sid: self._entries[sid][0] for sid in sandbox_ids if sid in self._entries}
 
-    def remove(self, sandbox_id: str) -> None:
+    def remove(self, sandbox_id: str, tickets: tuple[str, ...] | None = None) -> None:
+        """Forget the sandbox; with `tickets`, only the incarnation started with one of them
+        (a later start of the same id, on another actor, stays)."""
+        entry = self._entries.get(sandbox_id)
+        if entry is not None and tickets is not None and entry[0].ticket not in tickets:
+            return
         self._entries.pop(sandbox_id, None)
         if sandbox_id not in self._reserved:  # a restart may have reserved it again meanwhile
             self._memory.pop(sandbox_id, None)

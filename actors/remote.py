@@ -205,19 +205,25 @@ async def forget(sandbox_id: str) -> None:
 
 async def stop(sandbox_id: str, actor: SandboxRef | None) -> SandboxInfo | None:
     """Stop the sandbox; its actor goes back to its node's pool (or is ended, when its stop
-    fails). None when it was already gone."""
-    actor = actor or await lookup(sandbox_id)
-    if actor is None:
-        return None
+    fails). None when it was already gone.
+
+    `actor` may be a stale handle (a replica's cache) of an earlier incarnation of this id, which
+    was stopped and started again elsewhere: the directory's current one is stopped then."""
     info: SandboxInfo | None = None
-    try:
-        info = await call(sandbox_id, actor.stop.remote())
-    except StaleTicketError:
-        pass  # stopped through another handle: its actor may serve another sandbox by now
-    except (SandboxStateError, SandboxError):
-        ray.kill(actor.actor)  # dead, or its teardown failed: it serves no one again
-    finally:
-        await directory().remove.remote(sandbox_id)
+    tried: list[str] = []
+    ref = actor or await lookup(sandbox_id)
+    while ref is not None and ref.ticket not in tried:
+        tried.append(ref.ticket)
+        try:
+            info = await call(sandbox_id, ref.stop.remote())
+            break
+        except StaleTicketError:
+            pass  # stopped through another handle: its actor may serve another sandbox by now
+        except (SandboxStateError, SandboxError):
+            ray.kill(ref.actor)  # dead, or its teardown failed: it serves no one again
+        ref = await lookup(sandbox_id)
+    if tried:
+        await directory().remove.remote(sandbox_id, tuple(tried))
     return info
 
 

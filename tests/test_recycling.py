@@ -3,6 +3,7 @@ the old sandbox survives in it (files, processes, environment, cgroup, the actor
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
@@ -212,7 +213,7 @@ def _actor_dead(actor_id: Any) -> bool:
 
 
 def test_an_idle_pool_shrinks_to_its_floor(settings: Settings) -> None:
-    pool = _pool(settings, size_per_node=1, max_per_node=3, idle_s=2, max_incarnations=10)
+    pool = _pool(settings, size_per_node=1, max_per_node=3, idle_s=10, max_incarnations=10)
     try:
         sandboxes = [_create(pool, settings) for _ in range(3)]
         for sandbox in sandboxes:
@@ -221,9 +222,33 @@ def test_an_idle_pool_shrinks_to_its_floor(settings: Settings) -> None:
         poll_until(lambda: _stats(pool)["ready"] == 3, what="the pool grown to its ceiling")
         # ...and once idle_s passes without a create, goes back to its floor of 1 (trimmed
         # every few seconds; asked here, so that the test need not wait for the next round).
-        poll_until(lambda: _stats(pool)["target"] == 1, timeout_s=30, what="demand gone")
+        poll_until(lambda: _stats(pool)["target"] == 1, timeout_s=60, what="demand gone")
         ray.get(pool.trim.remote())
         assert _stats(pool)["ready"] == 1
     finally:
         ray.get(pool.drain.remote())
         ray.kill(pool)
+
+
+def test_a_stop_through_a_stale_handle_stops_the_current_incarnation(settings: Settings) -> None:
+    # A replica cached the handle of a sandbox that another replica stopped and started again
+    # (same id, another actor or ticket): its delete must stop what runs now, not leave it
+    # running unregistered, nor stop another tenant's sandbox on the recycled actor.
+    from actors import remote
+    from actors.sandboxes import create_sandbox, get_sandbox
+
+    first = create_sandbox(settings)
+    stale = first.actor
+    first.stop()
+    again = create_sandbox(settings, sandbox_id=first.id)
+    other = create_sandbox(settings)  # may run on first's recycled actor
+    try:
+        info = asyncio.run(remote.stop(first.id, stale))
+        assert info is not None and info.id == first.id and info.state == "stopped"
+        with pytest.raises(SandboxNotFoundError):
+            get_sandbox(first.id)
+        with pytest.raises(SandboxStateError):
+            again.run("true")
+        assert other.run("echo untouched").stdout == b"untouched\n"
+    finally:
+        other.stop()

@@ -107,6 +107,21 @@ def test_exec_arguments(settings: Settings) -> None:
         stop_sandbox(sandbox.id)
 
 
+def test_a_sandbox_is_what_the_kernel_ends_first_when_the_node_runs_out(
+    settings: Settings,
+) -> None:
+    # Nodes take more sandboxes than their memory holds at once (memory_overcommit): a global
+    # OOM must pick a sandbox's process, never a Ray worker or the API, and a sandbox cannot
+    # make itself less likely.
+    sandbox = create_sandbox(settings)
+    try:
+        script = "cat /proc/self/oom_score_adj; echo -500 > /proc/self/oom_score_adj || echo no"
+        out = sandbox.run(["sh", "-c", script + "; cat /proc/self/oom_score_adj"])
+        assert out.stdout.split() == [b"1000", b"no", b"1000"]
+    finally:
+        stop_sandbox(sandbox.id)
+
+
 def test_bad_limits_fail_before_any_actor(settings: Settings) -> None:
     with pytest.raises(InvalidArgumentError, match="memory_mb"):
         parse_overrides(memory_mb=-5)

@@ -68,6 +68,7 @@ def main() -> NoReturn:
     if setup is None:
         os._exit(0)
     try:
+        _first_to_go()
         if setup.get("backend") == "bwrap":  # bwrap backend: see actors/isolation/bwrap.py
             _launch_bwrap(sock, setup)
         if setup["isolated"]:
@@ -76,6 +77,15 @@ def main() -> NoReturn:
     except Exception as exc:  # report, never hang the host side waiting for `ready`
         protocol.send(sock, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         os._exit(1)
+
+
+def _first_to_go() -> None:
+    """Make this sandbox the kernel's first choice when the node runs out of memory: nodes take
+    more sandboxes than their memory holds at once (placement.memory_overcommit), and a global
+    OOM must end a sandbox, not a Ray process or the API. Every process of the sandbox inherits
+    it, and none can lower it (that needs CAP_SYS_RESOURCE on the host)."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
 
 
 def _join_cgroup(setup: dict[str, Any]) -> None:

@@ -84,7 +84,7 @@ def test_killed_actor_makes_the_sandbox_lost(api_server: ApiServer) -> None:
         sid = created["id"]
         ran = client.post(f"/api/v1/sandboxes/{sid}/exec", json={"command": "echo alive"})
         assert ran.json()["stdout"] == "alive\n"
-        ray.kill(get_sandbox(sid).actor)
+        ray.kill(get_sandbox(sid).actor.actor)
         lost = state_becomes(client, sid, "lost")
         assert lost["failure"], lost
         poll_until(lambda: key_refused(api_server, created["api_key"], sid), 10, "key revoked")

@@ -32,7 +32,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define COMMAND_OOM_SCORE_ADJ "500"
+#define COMMAND_OOM_SCORE_ADJ "1000" /* first to go in a node-wide OOM: see launcher._first_to_go */
 #define MAX_BPF_BYTES (64 * 1024)
 #define MAX_ENV_BYTES (4 << 20) /* more than execve takes (ARG_MAX is a quarter of the stack) */
 #define COMMAND_NOFILE 4096     /* soft and hard RLIMIT_NOFILE of every command */
