@@ -98,7 +98,7 @@ async def run(all_nodes: list[str]) -> None:
         actor = SandboxActor.options(**spread).remote(settings.isolation)
         actors.append(actor)
         await actor.prepare.remote(settings.defaults)
-        info = await actor.start.remote(f"spread-{i}", limits)
+        info = await actor.start.remote(f"spread-{i}", limits, "bench")
         return str(info.node_id)
 
     summary("Ray SPREAD, plain actors", *(await timed_all(plain, N)), all_nodes)
