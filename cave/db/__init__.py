@@ -1,6 +1,6 @@
 """Persistence of CAVE: settings, the Database object and its sessions, rows, error translation."""
 
-from cave.db.database import APP_ROLE, Database
+from cave.db.database import APP_ROLE, Database, admitted
 from cave.db.errors import translate_error, translate_errors
 from cave.db.migrate import head_revision
 from cave.db.models import (
@@ -24,6 +24,7 @@ from cave.db.settings import DatabaseSettings, load_database_settings
 from cave.db.types import new_id, utcnow
 
 __all__ = [
+    "admitted",
     "APP_ROLE",
     "ApiKeyRow",
     "AuditEventRow",

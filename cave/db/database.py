@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Literal, Self
 
@@ -33,6 +34,18 @@ _ENTER_SCOPE = text(
     " set_config('cave.admin', :admin, true),"
     f" set_config('role', '{APP_ROLE}', true)"
 )
+
+
+# Set for a task (a request) once it has written, or once it starts work that must be recorded:
+# its later writes wait for their turn however long, not refused as overload (see _wait_for).
+_admitted: ContextVar[bool] = ContextVar("cave_db_admitted", default=False)
+
+
+def admitted() -> None:
+    """This task has begun work that its writes must record (a command run in a sandbox): from
+    here on they wait for their turn instead of being refused as overload, which would leave it
+    done but unrecorded, or half made."""
+    _admitted.set(True)
 
 
 class Database:
@@ -129,11 +142,18 @@ class Database:
                 turn.release()
 
     async def _wait_for(self, turn: asyncio.Lock) -> None:
+        """Overload is refused at the door: a task's first write that waits past write_wait_s
+        fails with OverloadedError (429, nothing written). Once admitted, its later writes
+        complete what it began (a sandbox inserted, then started), so they wait their turn."""
+        if _admitted.get():
+            await turn.acquire()
+            return
         try:
             await asyncio.wait_for(turn.acquire(), self._settings.write_wait_s)
         except TimeoutError:
             wait_s = self._settings.write_wait_s
             raise overloaded(f"the database's writes are queued past {wait_s:g} s") from None
+        _admitted.set(True)
 
     async def close(self) -> None:
         """Close every pooled connection; the object is unusable afterwards."""

@@ -15,7 +15,7 @@ from actors.sandbox_actor import command_argv
 from actors.sandbox_ref import SandboxRef
 from cave.audit.trail import AuditTrail
 from cave.auth.keys import Principal
-from cave.db import Database, ExecutionRow, SandboxRow, new_id, utcnow
+from cave.db import Database, ExecutionRow, SandboxRow, admitted, new_id, utcnow
 from cave.errors import PayloadTooLargeError, SandboxNotFoundError, SandboxStateError
 from config.api import INLINE_OUTPUT_BYTES, MAX_FILE_BYTES
 from deployments.sandboxes.exec_records import ExecRecorder
@@ -91,6 +91,7 @@ class SandboxOps:
         """Call the sandbox's actor; a cached handle that turns out dead (another replica stopped
         or restarted the sandbox) is dropped and the record consulted once more."""
         live = await self._resolve(principal, sandbox_id, scope)
+        admitted()  # what the actor does must be recorded: no refusal as overload after it
         with self._in_use(sandbox_id):
             try:
                 result = await call(live.actor)

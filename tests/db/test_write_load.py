@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from cave.db import Database, NamespaceRow
+from cave.db import Database, NamespaceRow, admitted
 from cave.errors import DatabaseUnavailableError, OverloadedError, QuotaExceededError
 from tests.db.conftest import Target
 
@@ -80,6 +80,66 @@ async def test_a_writer_that_waits_too_long_is_refused_as_overload(target: Targe
         names = set((await session.scalars(select(NamespaceRow.id))).all())
     assert names == {"slow", "later"}  # the refused write left nothing behind
     await db.close()
+
+
+async def test_a_request_that_has_written_finishes_instead_of_being_refused(
+    tmp_path: Path,
+) -> None:
+    # A create writes its record, then starts the sandbox, then records that it runs: refusing
+    # that last write as overload would leave a sandbox running behind a 429. Overload is
+    # refused at a request's first write only; its later writes wait their turn.
+    target = Target("sqlite", {"BKG_DB_PATH": str(tmp_path / "cave.db")})
+    db = await Database.connect(target.settings.model_copy(update={"write_wait_s": 0.2}))
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def long_write() -> None:
+        async with db.admin_session() as session:
+            session.add(NamespaceRow(id="slow", name="slow"))
+            await session.flush()
+            holding.set()
+            await release.wait()
+
+    async def request() -> None:  # one task: what one API request runs
+        await _insert(db, "first")  # admitted here
+        writer = asyncio.create_task(long_write())
+        await holding.wait()
+        asyncio.get_running_loop().call_later(0.6, release.set)  # 3 x write_wait_s
+        await _insert(db, "second")  # waits past write_wait_s, and is written
+        await writer
+
+    async def newcomer() -> None:  # another request's first write meets the same queue
+        await holding.wait()
+        await _insert(db, "newcomer")
+
+    try:
+        results = await asyncio.gather(request(), newcomer(), return_exceptions=True)
+        assert results[0] is None
+        assert isinstance(results[1], OverloadedError)
+        async with db.read_session(None) as session:
+            names = set((await session.scalars(select(NamespaceRow.id))).all())
+        assert names == {"slow", "first", "second"}
+
+        async def admitted_task() -> None:  # work begun before any write (a command run)
+            admitted()
+            writer = asyncio.create_task(long_write())
+            await holding.wait()
+            asyncio.get_running_loop().call_later(0.6, release.set)
+            await _insert(db, "recorded")
+            await writer
+
+        holding.clear()
+        release.clear()
+        await asyncio.create_task(_delete_slow(db))  # a task of its own: this one stays new
+        await asyncio.create_task(admitted_task())
+        assert await _count(db) == 4
+    finally:
+        release.set()
+        await db.close()
+
+
+async def _delete_slow(db: Database) -> None:
+    async with db.admin_session() as session:
+        await session.delete(await session.get(NamespaceRow, "slow"))
 
 
 async def test_another_process_holding_the_sqlite_file_is_overload_not_an_outage(
