@@ -34,6 +34,8 @@ REFILL_DELAY_S = 0.05
 SPARE_WAIT_S = 30.0  # a create waiting for a spare in preparation starts its own after this
 REPROBE_S = 30.0  # a node that refused to isolate is probed again after this (fixed meanwhile?)
 TRIM_EVERY_S = 15.0  # how often an idle pool looks whether it holds more spares than wanted
+REFILL_AT_ONCE = 2  # new workers the refill starts at a time (Ray starts as many as CPUs)
+SWEEP_EVERY_S = 1.0  # the janitor's sweep after claims, at most this often
 
 
 def pool_name(node_id: str) -> str:
@@ -61,7 +63,10 @@ class PoolService:
         self.ceiling = max(settings.max_per_node, self.size)
         self.defaults = defaults  # spares are built with these; a claim may change them
         self._ready: asyncio.Queue[ActorHandle] = asyncio.Queue()
-        self._filling = 0
+        self._filling = 0  # spares on their way: new ones and recycled ones
+        self._starting = 0  # new workers the refill is starting now
+        self._swept_at = -SWEEP_EVERY_S
+        self._sweep_due = False  # a sweep is scheduled
         self._waiting = 0  # creates waiting for a spare being prepared
         self._demand: deque[float] = deque()  # when the creates of the last idle_s came
         self.created = 0
@@ -105,25 +110,46 @@ class PoolService:
 
     async def _prepare_one(self) -> None:
         self._filling += 1
+        self._starting += 1
+        prepared = False
         try:
             actor = self._new_actor()
             await actor.prepare.remote(self.defaults)
             self._ready.put_nowait(actor)
+            prepared = True
         except Exception:  # a failed spare is logged; the next create starts one itself
             log.exception("cannot prepare a warm sandbox on node %s", self.node_id)
         finally:
             self._filling -= 1
+            self._starting -= 1
+        if prepared:
+            self.refill()  # the next of a floor larger than REFILL_AT_ONCE
 
     def refill(self) -> None:
+        """Start new spares toward the floor, REFILL_AT_ONCE at a time: a refill that started
+        one worker per claim would, under a burst, race the burst's own creates for the same
+        CPUs (with a floor of 100, a warm burst of 100 took minutes that way)."""
         # Sandboxes of actors that died without stop() (crash, ray.kill) are swept here, on
-        # their node, where the pool runs anyway after every claim.
+        # their node, where the pool runs anyway after claims.
         try:
-            janitor.sweep(self._backend())
+            backend = self._backend()
         except IsolationUnavailableError:
             return  # logged once; creates say why, and so does readiness
+        self._sweep(backend)
         missing = self.size - self._ready.qsize() - self._filling
-        for _ in range(max(0, missing)):
+        for _ in range(max(0, min(missing, REFILL_AT_ONCE - self._starting))):
             asyncio.ensure_future(self._prepare_one())
+
+    def _sweep(self, backend: Backend) -> None:
+        """The janitor's sweep now, or once SWEEP_EVERY_S after the last (a burst's claims
+        would sweep the node's whole state directory once each)."""
+        wait_s = self._swept_at + SWEEP_EVERY_S - time.monotonic()
+        if wait_s <= 0:
+            self._swept_at, self._sweep_due = time.monotonic(), False
+            janitor.sweep(backend)
+        elif not self._sweep_due:
+            self._sweep_due = True
+            asyncio.get_running_loop().call_later(wait_s, self._sweep, backend)
 
     async def _take(self) -> ActorHandle:
         """A prepared actor if one is ready; else one being prepared that no other create
