@@ -56,7 +56,12 @@ async def raise_quotas(cluster: LocalCluster, namespace: str, sandboxes: int) ->
     the platform, not a namespace's default quota."""
     import httpx
 
-    quotas = {"sandboxes": sandboxes, "memory_mb": sandboxes * 8192, "cpu": sandboxes * 8.0}
+    quotas = {
+        "sandboxes": sandboxes,
+        "memory_mb": sandboxes * 8192,
+        "cpu": sandboxes * 8.0,
+        "concurrent_execs": sandboxes * 2,
+    }
     headers = {"Authorization": f"Bearer {cluster.admin_key}"}
     async with httpx.AsyncClient(base_url=cluster.url, headers=headers) as client:
         answer = await client.put(f"/api/v1/admin/namespaces/{namespace}", json={"quotas": quotas})
