@@ -218,7 +218,9 @@ class PoolService:
         worn = incarnations >= self.settings.max_incarnations
         if worn or self._ready.qsize() + self._filling >= self.target():
             self.retired += 1
-            ray.kill(actor)
+            # Ended after the stop that sent it here has answered its caller: a ray.kill could
+            # land before that reply, and the caller would take the stop for failed.
+            actor.__ray_terminate__.remote()
             return
         self._filling += 1
         try:

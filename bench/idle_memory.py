@@ -1,14 +1,22 @@
-"""Memory of 100 idle sandboxes on one node: host memory in use before and after."""
+"""What idle sandboxes cost on one node: host memory in use before and after creating them, their
+processes' proportional set size (PSS) by kind, and the CPU their idle processes use.
+
+    CAVE_BENCH_IDLE=100 python -m bench.idle_memory
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
+from pathlib import Path
 
 from actors.sandboxes import create_sandbox, stop_sandbox
 from bench.common import bench_settings, start_ray, stop_ray
 
 COUNT = int(os.environ.get("CAVE_BENCH_IDLE", "100"))
+CPU_WINDOW_S = 10.0
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def used_bytes() -> int:
@@ -18,8 +26,61 @@ def used_bytes() -> int:
     return kib("MemTotal") - kib("MemAvailable")
 
 
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found[int(entry.name)] = (int(stat[stat.rindex(")") + 2 :].split()[1]), cmd)
+    return found
+
+
+def sandbox_processes() -> dict[int, str]:
+    """The idle sandboxes' processes by kind: the actor's Ray worker, its keeper (the launcher
+    that stays), the zygote (the sandbox's init) and anything below."""
+    procs = _processes()
+    kinds: dict[int, str] = {}
+    for pid, (_, cmd) in procs.items():
+        if cmd.startswith("ray::SandboxService"):
+            kinds[pid] = "Ray worker (the actor)"
+    for _ in range(3):  # keeper: a child of the worker; zygote: of the keeper; then the rest
+        for pid, (parent, _) in procs.items():
+            if pid in kinds or parent not in kinds:
+                continue
+            kinds[pid] = {
+                "Ray worker (the actor)": "keeper",
+                "keeper": "zygote (the sandbox's init)",
+            }.get(kinds[parent], "other sandbox processes")
+    return kinds
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def main() -> None:
-    settings = bench_settings(CAVE_POOL_SIZE="0")
+    settings = bench_settings(CAVE_POOL_SIZE="0", CAVE_POOL_MAX="0")
     start_ray()
     before = used_bytes()
     start = time.perf_counter()
@@ -34,6 +95,22 @@ def main() -> None:
         f"{COUNT} idle sandboxes: {total / 2**30:.2f} GiB in total, "
         f"{total / COUNT / 2**20:.1f} MiB each (created in {elapsed:.1f} s)"
     )
+    kinds = sandbox_processes()
+    pss: Counter[str] = Counter()
+    for pid, kind in kinds.items():
+        pss[kind] += pss_kib(pid)
+    for kind, kib in pss.most_common():
+        print(f"  PSS {kind:32s} {kib / COUNT / 1024:6.1f} MiB per sandbox")
+    cpu_before = {pid: cpu_s(pid) for pid in kinds}
+    time.sleep(CPU_WINDOW_S)
+    idle_cpu: dict[str, float] = {}
+    for pid, kind in kinds.items():
+        idle_cpu[kind] = idle_cpu.get(kind, 0.0) + cpu_s(pid) - cpu_before[pid]
+    busy = sum(idle_cpu.values()) / CPU_WINDOW_S
+    each = busy / COUNT * 1000
+    print(f"  idle CPU: {busy:.2f} cores for {COUNT} sandboxes, {each:.1f} ms/s each")
+    for kind, seconds in sorted(idle_cpu.items(), key=lambda item: -item[1]):
+        print(f"    {kind:32s} {seconds / CPU_WINDOW_S / COUNT * 1000:6.2f} ms/s per sandbox")
     for sandbox in sandboxes:
         stop_sandbox(sandbox.id)
     stop_ray()

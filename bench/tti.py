@@ -74,12 +74,30 @@ async def _timed(create: Create, outcome: Outcome) -> None:
     outcome.ids.append(sandbox_id)
 
 
+async def _delete_all(delete: Delete, ids: list[str]) -> None:
+    """Delete what a scenario created, retrying what is refused (a 429 under load), so that no
+    sandbox of one scenario counts against the namespace's quota in the next."""
+    left = list(ids)
+    for _ in range(10):
+        results = await asyncio.gather(*(delete(i) for i in left), return_exceptions=True)
+        left = [i for i, r in zip(left, results, strict=True) if _retry(r)]
+        if not left:
+            return
+        await asyncio.sleep(2)
+    print(f"  ({len(left)} sandboxes could not be deleted)")
+
+
+def _retry(result: object) -> bool:
+    code = getattr(result, "code", None)
+    return isinstance(result, Exception) and code not in ("not_found", "sandbox_not_found")
+
+
 async def sequential(create: Create, n: int, delete: Delete) -> Outcome:
     """One at a time, each deleted (untimed) before the pause and the next."""
     outcome = Outcome()
     for _ in range(n):
         await _timed(create, outcome)
-        await asyncio.gather(*(delete(i) for i in outcome.ids), return_exceptions=True)
+        await _delete_all(delete, outcome.ids)
         outcome.ids.clear()
         await asyncio.sleep(PAUSE_S)
     return outcome
@@ -114,7 +132,7 @@ async def run_path(name: str, create: Create, delete: Delete) -> None:
         outcome = await runner(create, n, delete)
         reference = LEADERBOARD.get(scenario.split()[0], "")
         print(outcome.line(f"{scenario} of {n}", n) + (f"   (leaderboard: {reference})"))
-        await asyncio.gather(*(delete(i) for i in outcome.ids), return_exceptions=True)
+        await _delete_all(delete, outcome.ids)
 
 
 async def over_http(url: str, key: str) -> None:

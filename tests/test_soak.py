@@ -1,0 +1,110 @@
+"""A soak of create / exec / delete cycles (sized for CI; bench/churn.py runs it longer) leaves
+nothing behind: no process, mount, cgroup, network device or directory of any sandbox it ran,
+and no Ray worker beyond the pool's spares."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from actors.sandboxes import SandboxHandle, directory, stop_sandbox
+from actors.warm_pool import NAMESPACE, WarmPool, pinned
+from config.settings import PoolSettings, Settings, load_settings
+from tests.support import poll_until
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+CYCLES = 60
+CLIENTS = 4
+CEILING = 3
+
+
+@pytest.fixture(scope="module")
+def settings(cave_state_dir: Path) -> Settings:
+    return load_settings(env={**os.environ, "CAVE_STATE_DIR": str(cave_state_dir)})
+
+
+@pytest.fixture
+def pool(settings: Settings) -> Iterator[Any]:
+    node = ray.get_runtime_context().get_node_id()
+    wanted = PoolSettings(size_per_node=1, max_per_node=CEILING, idle_s=600, max_incarnations=25)
+    handle = WarmPool.options(
+        name=f"soak-pool-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE, **pinned(node)
+    ).remote(node, settings.isolation, settings.defaults, wanted)
+    yield handle
+    ray.get(handle.drain.remote())
+    ray.kill(handle)
+
+
+def _cycle(pool: Any, settings: Settings, n: int) -> tuple[str, Any]:
+    sandbox_id = uuid.uuid4().hex
+    ref, info = ray.get(pool.create.remote(sandbox_id, settings.defaults, directory()))
+    sandbox = SandboxHandle(sandbox_id, info.node_id, ref)
+    out = sandbox.run(f"echo {n} > f; sleep 0.01 & cat f")
+    assert out.stdout == f"{n}\n".encode()
+    stop_sandbox(sandbox_id)
+    return info.slot, ref.actor
+
+
+def _net_devices() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def test_a_soak_of_cycles_leaves_nothing_behind(pool: Any, settings: Settings) -> None:
+    devices = _net_devices()
+    with ThreadPoolExecutor(CLIENTS) as clients:
+        ran = list(clients.map(lambda n: _cycle(pool, settings, n), range(CYCLES)))
+    slots = {slot for slot, _ in ran}
+    assert len(slots) == CYCLES  # each sandbox its own slot: cgroup, directory, hostname
+    stats = poll_until(
+        lambda: (s := ray.get(pool.stats.remote()))["filling"] == 0 and s,
+        what="the pool at rest",
+    )
+    # Workers: what ran the cycles is the pool's spares now, or was ended (worn or over the
+    # ceiling); far fewer were started than cycles ran.
+    actors = {actor._actor_id.hex(): actor for _, actor in ran}
+    assert len(actors) <= stats["created"] < CYCLES // 2  # the floor's spare may not have served
+
+    def alive() -> list[Any]:
+        return [a for i, a in actors.items() if ray._private.state.actors(i)["State"] == "ALIVE"]
+
+    # Retired ones end once their last stop has answered: poll.
+    poll_until(lambda: len(alive()) <= stats["ready"] <= CEILING, what="only spares alive")
+    spares = alive()
+
+    cgroup_root = settings.isolation.cgroup_root
+    for slot in slots:
+        assert not list(Path("/sys/fs/cgroup").glob(f"*/{cgroup_root}/{slot}")), slot
+        assert not list(Path("/sys/fs/cgroup").glob(f"{cgroup_root}/{slot}")), slot
+        assert not (settings.isolation.state_dir / "sandboxes" / slot).exists(), slot
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert not [slot for slot in slots if slot in mounts]
+    assert _net_devices() == devices
+    # No process of a finished sandbox: the workers that ran cycles and live on are spares now,
+    # each with the one keeper of its prepared next sandbox.
+    worker_pids = set(ray.get([actor.__ray_call__.remote(_pid) for actor in spares]))
+    keepers = [pid for pid, parent in _launchers() if parent in worker_pids]
+    assert len(keepers) == len(spares)
+
+
+def _pid(_: Any) -> int:
+    return os.getpid()
+
+
+def _launchers() -> Iterator[tuple[int, int]]:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if b"actors.isolation.launcher" in cmd:
+            yield int(entry.name), int(stat[stat.rindex(")") + 2 :].split()[1])
