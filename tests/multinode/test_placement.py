@@ -48,8 +48,8 @@ def actor_node(sandbox_id: str) -> str:
 
     from actors.sandboxes import directory
 
-    actor, _ = ray.get(directory().lookup.remote(sandbox_id))
-    entry = ray._private.state.actors(actor._actor_id.hex())
+    ref, _ = ray.get(directory().lookup.remote(sandbox_id))
+    entry = ray._private.state.actors(ref.actor._actor_id.hex())
     return str(entry["Address"]["NodeID"])
 
 
