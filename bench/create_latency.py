@@ -1,4 +1,6 @@
-"""Create-to-ready: from the warm pool, and cold (pool size 0: the create pays a worker start)."""
+"""Create-to-ready through the driver's handle: cold (no pool, no recycling: the create pays a
+worker start), from the actor of the sandbox stopped just before (recycled; no floor), and from a
+warm pool."""
 
 from __future__ import annotations
 
@@ -13,10 +15,15 @@ from bench.common import bench_settings, percentiles, report, start_ray, stop_ra
 N = int(os.environ.get("CAVE_BENCH_CREATES", "30"))
 
 
+def _stats(pool: ray.actor.ActorHandle) -> dict[str, int]:
+    stats: dict[str, int] = ray.get(pool.stats.remote())
+    return stats
+
+
 def wait_warm(settings, size: int) -> None:  # type: ignore[no-untyped-def]
     pool = warm_pool(ray.get_runtime_context().get_node_id(), settings)
     deadline = time.monotonic() + 120
-    while ray.get(pool.stats.remote())["ready"] < size:
+    while _stats(pool)["ready"] < size:
         if time.monotonic() > deadline:
             raise TimeoutError("the warm pool did not fill")
         time.sleep(0.02)
@@ -37,15 +44,17 @@ def measure(settings, warm: bool) -> dict[str, float]:  # type: ignore[no-untype
 
 def main() -> None:
     # One cluster each: a node's pool is a named singleton, created with its first settings.
-    start_ray()
-    rows = {
-        "create, cold (no pool: worker start)": measure(bench_settings(CAVE_POOL_SIZE="0"), False),
-    }
-    stop_ray()
-    start_ray()
-    rows["create, warm pool"] = measure(bench_settings(CAVE_POOL_SIZE="2"), True)
-    stop_ray()
-    report(rows, baseline="create, cold (no pool: worker start)")
+    cold = "create, cold (no pool, no recycling: worker start)"
+    rows = {}
+    for name, settings, warm in (
+        (cold, bench_settings(CAVE_POOL_SIZE="0", CAVE_POOL_MAX="0"), False),
+        ("create, recycled actor (no floor)", bench_settings(CAVE_POOL_SIZE="0"), False),
+        ("create, warm pool", bench_settings(CAVE_POOL_SIZE="2"), True),
+    ):
+        start_ray()
+        rows[name] = measure(settings, warm)
+        stop_ray()
+    report(rows, baseline=cold)
 
 
 if __name__ == "__main__":
