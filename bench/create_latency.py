@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import ray
 
@@ -16,8 +17,8 @@ N = int(os.environ.get("CAVE_BENCH_CREATES", "30"))
 
 
 def _stats(pool: ray.actor.ActorHandle) -> dict[str, int]:
-    stats: dict[str, int] = ray.get(pool.stats.remote())
-    return stats
+    stats: Any = ray.get(pool.stats.remote())  # Ray's stubs can't type a remote result
+    return dict(stats)
 
 
 def wait_warm(settings, size: int) -> None:  # type: ignore[no-untyped-def]
