@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Literal, Self
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -134,12 +135,27 @@ class Database:
                 async with sessions() as session:
                     bind_scope(session.sync_session, scope)
                     async with session.begin():
+                        await self._checkout(session, read_only)
                         if self._postgres:
                             await session.execute(_ENTER_SCOPE, _scope_settings(scope))
                         yield session
         finally:
             if turn is not None:
                 turn.release()
+
+    async def _checkout(self, session: AsyncSession, read_only: bool) -> None:
+        """A pooled connection for the transaction, taken before anything runs in it. Past the
+        pool's timeout a task's first write is refused (translate_errors: overload, 429); an
+        admitted task waits on, as on the SQLite queue (_wait_for)."""
+        while True:
+            try:
+                await session.connection()
+                break
+            except sa_exc.TimeoutError:
+                if not _admitted.get():
+                    raise
+        if not read_only:
+            _admitted.set(True)
 
     async def _wait_for(self, turn: asyncio.Lock) -> None:
         """Overload is refused at the door: a task's first write that waits past write_wait_s

@@ -142,6 +142,44 @@ async def _delete_slow(db: Database) -> None:
         await session.delete(await session.get(NamespaceRow, "slow"))
 
 
+async def test_an_admitted_request_waits_for_its_turn_on_both_backends(target: Target) -> None:
+    # SQLite: this process's write queue; PostgreSQL: the pool, one connection, no overflow.
+    update = {"write_wait_s": 0.2, "pool_size": 1, "max_overflow": 0}
+    db = await Database.connect(target.settings.model_copy(update=update))
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def long_write() -> None:
+        async with db.admin_session() as session:
+            session.add(NamespaceRow(id="slow", name="slow"))
+            await session.flush()
+            holding.set()
+            await release.wait()
+
+    async def admitted_request() -> None:  # an exec: its command ran, its record must follow
+        admitted()
+        await holding.wait()
+        await _insert(db, "recorded")
+
+    async def newcomer() -> None:
+        await holding.wait()
+        await _insert(db, "newcomer")
+
+    writer = asyncio.create_task(long_write())
+    try:
+        await holding.wait()
+        asyncio.get_running_loop().call_later(0.6, release.set)  # 3 x the wait
+        results = await asyncio.gather(admitted_request(), newcomer(), return_exceptions=True)
+        assert results[0] is None
+        assert isinstance(results[1], OverloadedError)
+        await writer
+        async with db.read_session(None) as session:
+            names = set((await session.scalars(select(NamespaceRow.id))).all())
+        assert names == {"slow", "recorded"}
+    finally:
+        release.set()
+        await db.close()
+
+
 async def test_another_process_holding_the_sqlite_file_is_overload_not_an_outage(
     tmp_path: Path,
 ) -> None:
