@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,13 +30,14 @@ def _cave(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 @contextmanager
 def local_cluster(**settings: str) -> Iterator[LocalCluster]:
     """`cave up` with these CAVE_* variables on top of the defaults; `cave down` at the end."""
+    state_dir = f"/run/cave-bench-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="cave-bench-") as home:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env.update(
             CAVE_HOME=home,
             BKG_DB_PATH=f"{home}/cave.db",
             CAVE_SECRETS_DIR=f"{home}/secrets",
-            CAVE_STATE_DIR=f"/run/cave-bench-{os.getpid()}",
+            CAVE_STATE_DIR=state_dir,
             **settings,
         )
         up = _cave(env, "up")
@@ -49,6 +51,7 @@ def local_cluster(**settings: str) -> Iterator[LocalCluster]:
             yield LocalCluster(api["url"], api["admin_key"], driver)
         finally:
             _cave(env, "down")
+            shutil.rmtree(state_dir, ignore_errors=True)  # its cave-exec build and sandbox dirs
 
 
 async def raise_quotas(cluster: LocalCluster, namespace: str, sandboxes: int) -> None:
