@@ -24,7 +24,12 @@ from actors.isolation.file_ops import FileOps
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.isolation.rootfs import RootfsSpec
 from actors.isolation.stdin_feed import StdinFeed
-from cave.errors import InvalidArgumentError, SandboxError, SandboxStateError
+from cave.errors import (
+    InvalidArgumentError,
+    OverloadedError,
+    SandboxError,
+    SandboxStateError,
+)
 from config.settings import SandboxLimits
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -169,8 +174,13 @@ class Sandbox:
             try:
                 event = await asyncio.wait_for(self._events.get(), max(remaining, 0.001))
             except TimeoutError:
-                raise SandboxError(
-                    f"sandbox {self.id}: no {op!r} within {START_TIMEOUT_S}s"
+                # A set-up that outwaits its deadline is a node too busy to start one more
+                # (a burst of worker starts on few cores): overload, a 429 to retry, not a fault.
+                raise OverloadedError(
+                    f"sandbox {self.id}: its set-up took longer than {START_TIMEOUT_S:g} s "
+                    f"(no {op!r}): the node is overloaded; nothing was kept, retry shortly",
+                    quota="node_setup",
+                    retry_after_s=5.0,
                 ) from None
             if event.get("op") == op:
                 return event

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from cave.errors import (
     CaveError,
     InvalidArgumentError,
     IsolationUnavailableError,
+    OverloadedError,
     SandboxStateError,
 )
 from config.settings import load_settings
@@ -22,6 +24,7 @@ from tests.isolation.conftest import (
     LIMITS,
     assert_still_works,
     async_test,
+    cgroup_dirs,
     host_pids_with_cmdline,
     isolation_env,
     open_sandbox,
@@ -51,6 +54,24 @@ async def test_stop_is_idempotent(backend: Backend) -> None:
     await sandbox.stop()
     assert sandbox.state == "stopped"
     assert not sandbox.sandbox_dir.exists()
+
+
+@async_test
+async def test_a_set_up_past_its_deadline_is_overload_and_leaves_nothing(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node too busy to set a sandbox up in time (a burst of worker starts on few cores):
+    # a 429 to retry, not a 500, and nothing of the half-made sandbox kept.
+    import actors.isolation.sandbox as module
+
+    monkeypatch.setattr(module, "START_TIMEOUT_S", 0.0)
+    sandbox = Sandbox(backend)
+    with pytest.raises(OverloadedError) as refused:
+        await sandbox.prepare(LIMITS)
+    assert refused.value.retry_after_s > 0 and "overloaded" in refused.value.message
+    assert sandbox.state == "failed"
+    assert not sandbox.sandbox_dir.exists()
+    assert not [d for d in cgroup_dirs(sandbox.id) if os.path.isdir(d)]
 
 
 @async_test
