@@ -210,7 +210,7 @@ class PoolService:
         prepared again as a spare while demand wants one, else ended."""
         claimed = self._claimed.pop(sandbox_id, None)
         if claimed is None:  # not one of this pool's (it restarted meanwhile): not reused
-            ray.kill(actor)
+            actor.__ray_terminate__.remote()  # after its stop has answered, as below
             return
         # The pool's own handle, not the one the actor sent: an actor's handle to itself does
         # not keep it alive, and this pool's handle is the one that owns it.
@@ -237,16 +237,21 @@ class PoolService:
         """End the spares above what demand wants now (the pool shrinks when idle); how many."""
         ended = 0
         while self._ready.qsize() > self.target():
-            actor = self._ready.get_nowait()
             ended += 1
             self.retired += 1
             try:
-                await actor.discard.remote()
+                await self._end_spare()
             except Exception:  # its sandbox's leftovers are the janitor's
                 log.warning("discarding a spare on node %s failed", self.node_id, exc_info=True)
-            finally:
-                ray.kill(actor)
         return ended
+
+    async def _end_spare(self) -> None:
+        """Take a ready spare, tear its standby sandbox down and end its actor."""
+        actor = self._ready.get_nowait()
+        try:
+            await actor.discard.remote()
+        finally:
+            ray.kill(actor)
 
     async def claims(self, timeout_s: float = 5.0) -> dict[str, tuple[SandboxRef, str]]:
         """The sandboxes this pool handed out whose actors still live (the stopped ones are
@@ -277,11 +282,7 @@ class PoolService:
         """Discard the spares (their standby launchers) and stop refilling and recycling."""
         self.size = self.ceiling = 0
         while not self._ready.empty():
-            actor = self._ready.get_nowait()
-            try:
-                await actor.discard.remote()
-            finally:
-                ray.kill(actor)
+            await self._end_spare()
 
 
 class _FillingPool(PoolService):

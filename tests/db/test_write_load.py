@@ -34,6 +34,16 @@ async def _count(db: Database) -> int:
         return int(await session.scalar(select(func.count()).select_from(NamespaceRow)) or 0)
 
 
+async def _long_write(db: Database, holding: asyncio.Event, release: asyncio.Event) -> None:
+    """Another request's write (the namespace "slow"), holding the write turn or a pooled
+    connection from `holding` until `release`."""
+    async with db.admin_session() as session:
+        session.add(NamespaceRow(id="slow", name="slow"))
+        await session.flush()
+        holding.set()
+        await release.wait()
+
+
 async def test_a_burst_of_writers_from_two_replicas_all_commit(target: Target) -> None:
     # Two Database objects: two API replicas' pools on one database.
     first = await Database.connect(target.settings)
@@ -57,14 +67,7 @@ async def test_a_writer_that_waits_too_long_is_refused_as_overload(target: Targe
     db = await Database.connect(settings)
     holding, release = asyncio.Event(), asyncio.Event()
 
-    async def long_write() -> None:
-        async with db.admin_session() as session:
-            session.add(NamespaceRow(id="slow", name="slow"))
-            await session.flush()
-            holding.set()
-            await release.wait()
-
-    writer = asyncio.create_task(long_write())
+    writer = asyncio.create_task(_long_write(db, holding, release))
     try:
         await holding.wait()
         with pytest.raises(OverloadedError) as refused:
@@ -92,16 +95,9 @@ async def test_a_request_that_has_written_finishes_instead_of_being_refused(
     db = await Database.connect(target.settings.model_copy(update={"write_wait_s": 0.2}))
     holding, release = asyncio.Event(), asyncio.Event()
 
-    async def long_write() -> None:
-        async with db.admin_session() as session:
-            session.add(NamespaceRow(id="slow", name="slow"))
-            await session.flush()
-            holding.set()
-            await release.wait()
-
     async def request() -> None:  # one task: what one API request runs
         await _insert(db, "first")  # admitted here
-        writer = asyncio.create_task(long_write())
+        writer = asyncio.create_task(_long_write(db, holding, release))
         await holding.wait()
         asyncio.get_running_loop().call_later(0.6, release.set)  # 3 x write_wait_s
         await _insert(db, "second")  # waits past write_wait_s, and is written
@@ -121,7 +117,7 @@ async def test_a_request_that_has_written_finishes_instead_of_being_refused(
 
         async def admitted_task() -> None:  # work begun before any write (a command run)
             admitted()
-            writer = asyncio.create_task(long_write())
+            writer = asyncio.create_task(_long_write(db, holding, release))
             await holding.wait()
             asyncio.get_running_loop().call_later(0.6, release.set)
             await _insert(db, "recorded")
@@ -148,13 +144,6 @@ async def test_an_admitted_request_waits_for_its_turn_on_both_backends(target: T
     db = await Database.connect(target.settings.model_copy(update=update))
     holding, release = asyncio.Event(), asyncio.Event()
 
-    async def long_write() -> None:
-        async with db.admin_session() as session:
-            session.add(NamespaceRow(id="slow", name="slow"))
-            await session.flush()
-            holding.set()
-            await release.wait()
-
     async def admitted_request() -> None:  # an exec: its command ran, its record must follow
         admitted()
         await holding.wait()
@@ -164,7 +153,7 @@ async def test_an_admitted_request_waits_for_its_turn_on_both_backends(target: T
         await holding.wait()
         await _insert(db, "newcomer")
 
-    writer = asyncio.create_task(long_write())
+    writer = asyncio.create_task(_long_write(db, holding, release))
     try:
         await holding.wait()
         asyncio.get_running_loop().call_later(0.6, release.set)  # 3 x the wait
