@@ -5,11 +5,11 @@ drivers and sync actors. No ray.get here: Ray errors are mapped (actors/handles.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
-import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.handles import choose_node, directory, translated, warm_pool
@@ -26,6 +26,8 @@ from cave.errors import (
     SandboxStateError,
 )
 from config.settings import SandboxLimits, Settings
+
+log = logging.getLogger("cave.sandboxes")
 
 T = TypeVar("T")
 PROBE_TIMEOUT_S = 5.0
@@ -191,7 +193,7 @@ async def _is_dead(actor: SandboxRef, timeout_s: float) -> bool:
         await asyncio.wait_for(actor.ready(), timeout_s)
     except ActorUnavailableError:
         return False  # unreachable for now (a network blip, a restarting node): ask again later
-    except RayActorError:
+    except (RayActorError, StaleTicketError):  # its host died, or the sandbox was stopped
         return True
     except TimeoutError:
         return False
@@ -204,8 +206,8 @@ async def forget(sandbox_id: str) -> None:
 
 
 async def stop(sandbox_id: str, actor: SandboxRef | None) -> SandboxInfo | None:
-    """Stop the sandbox; its actor goes back to its node's pool (or is ended, when its stop
-    fails). None when it was already gone.
+    """Stop the sandbox (its host tears it down and tells its pool). None when it was
+    already gone.
 
     `actor` may be a stale handle (a replica's cache) of an earlier incarnation of this id, which
     was stopped and started again elsewhere: the directory's current one is stopped then."""
@@ -220,7 +222,9 @@ async def stop(sandbox_id: str, actor: SandboxRef | None) -> SandboxInfo | None:
         except StaleTicketError:
             pass  # stopped through another handle: its actor may serve another sandbox by now
         except (SandboxStateError, SandboxError):
-            ray.kill(ref.actor)  # dead, or its teardown failed: it serves no one again
+            # Its host died, or the teardown failed: either way the host has forgotten it (a
+            # host also runs other sandboxes: never ended for one's sake).
+            log.warning("stopping sandbox %s failed", sandbox_id, exc_info=True)
         ref = await lookup(sandbox_id)
     if tried:
         await directory().remove.remote(sandbox_id, tuple(tried))

@@ -1,11 +1,11 @@
-"""SandboxRef: a sandbox actor's handle bound to one of its incarnations.
+"""SandboxRef: the handle of a sandbox's host actor bound to that one sandbox.
 
-A sandbox actor outlives its sandboxes: a stopped sandbox's actor is recycled into a new one,
-perhaps another tenant's. Whoever still holds the old handle (an API replica's cache, a driver,
-a client of `RayCave.actor`) must then reach nothing. So every call that touches a sandbox
-carries the ticket its incarnation was started with, and the actor refuses any other
-(`SandboxStateError`, as if the actor had died). The ticket is a random secret the warm pool
-makes at start; no method returns it.
+A host actor runs many sandboxes of its node, at once and one after another, perhaps of other
+tenants. Whoever holds a sandbox's handle (an API replica's cache, a driver, a client of
+`RayCave.actor`) must reach that sandbox and nothing else, and nothing once it stopped. So
+every call carries the ticket the sandbox was started with, which is how the host finds it; a
+stopped sandbox's ticket gets `StaleTicketError` (a `SandboxStateError`, as if an actor of its
+own had died). The ticket is a random secret the warm pool makes at start; no method returns it.
 
 A ref reads like the actor handle it wraps: `ray.get(ref.run.remote("echo hi"))`.
 
@@ -26,6 +26,7 @@ from cave.errors import SandboxStateError
 # The actor's methods that act on its current sandbox: each takes the ticket first.
 TICKETED = frozenset(
     {
+        "ping",
         "info",
         "exec",
         "run",
@@ -72,5 +73,6 @@ class SandboxRef:
         return _BoundMethod(getattr(self.actor, name), self.ticket)
 
     def ready(self) -> Any:
-        """An ObjectRef that resolves once the actor answers, and fails when it is dead."""
-        return self.actor.__ray_ready__.remote()
+        """An ObjectRef that resolves while the sandbox runs, and fails (RayActorError, or
+        StaleTicketError once it stopped) when it does not."""
+        return self.actor.ping.remote(self.ticket)

@@ -1,9 +1,10 @@
-"""WarmPool: a per-node actor keeping sandbox actors prepared, so a create pays no worker start.
+"""WarmPool: a per-node actor that runs the node's sandbox hosts and keeps spares prepared in them.
 
-Spares come from two places: new actors, started to keep `size_per_node` ready however quiet
-the node is, and the actors of stopped sandboxes, which come back here (SandboxService.stop)
-and are prepared again while recent demand wants them (`max_per_node` at most). A burst thus
-pays its worker starts once: the next one finds the last one's actors waiting."""
+Sandboxes live in a few host actors per node (`hosts_per_node`, actors/sandbox_actor.py), not
+one Ray worker each: a create pays a sandbox's set-up, never a worker start. Spares (prepared,
+unstarted sandboxes) make even the set-up happen ahead: `size_per_node` however quiet the node
+is, and, while recent demand wants more (`max_per_node` at most), one prepared again after
+each stop, so that the next burst finds the last one's spares waiting."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, cast
 
 import ray
@@ -21,8 +23,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.isolation import janitor
 from actors.isolation.backend import Backend
 from actors.isolation.guarantees import Isolation
-from actors.sandbox_actor import SandboxActor, SandboxInfo, backend_for
-from actors.sandbox_ref import SandboxRef, new_ticket
+from actors.sandbox_actor import MAX_CALLS, SandboxActor, SandboxInfo, backend_for
+from actors.sandbox_ref import SandboxRef, StaleTicketError, new_ticket
 from cave.errors import IsolationUnavailableError
 from config.settings import IsolationSettings, PoolSettings, SandboxLimits
 
@@ -34,7 +36,8 @@ REFILL_DELAY_S = 0.05
 SPARE_WAIT_S = 30.0  # a create waiting for a spare in preparation starts its own after this
 REPROBE_S = 30.0  # a node that refused to isolate is probed again after this (fixed meanwhile?)
 TRIM_EVERY_S = 15.0  # how often an idle pool looks whether it holds more spares than wanted
-REFILL_AT_ONCE = 2  # new workers the refill starts at a time (Ray starts as many as CPUs)
+REFILL_AT_ONCE = 2  # spares the refill prepares at a time (a burst's creates come first)
+SPREAD_AT = 8  # sandboxes in each host before the pool starts another (up to hosts_per_node)
 SWEEP_EVERY_S = 1.0  # the janitor's sweep after claims, at most this often
 
 
@@ -47,9 +50,23 @@ def pinned(node_id: str) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
 
 
+@dataclass(eq=False)
+class _Host:
+    """A host actor of this node and what the pool placed in it."""
+
+    actor: ActorHandle
+    spares: int = 0  # prepared (or being prepared) here for the ready queue
+    running: int = 0  # started here and not stopped yet
+    served: int = 0  # sandboxes started here over its life
+
+    @property
+    def load(self) -> int:
+        return self.spares + self.running
+
+
 class PoolService:
-    """Keeps prepared sandbox actors on one node: at least `size_per_node`, more while recent
-    demand wants them (see the module's doc)."""
+    """Runs one node's sandbox hosts and keeps spares prepared in them: at least
+    `size_per_node`, more while recent demand wants them (see the module's doc)."""
 
     def __init__(
         self,
@@ -62,20 +79,19 @@ class PoolService:
         self.size = settings.size_per_node  # the floor; drain sets it to 0
         self.ceiling = max(settings.max_per_node, self.size)
         self.defaults = defaults  # spares are built with these; a claim may change them
-        self._ready: asyncio.Queue[ActorHandle] = asyncio.Queue()
-        self._filling = 0  # spares on their way: new ones and recycled ones
-        self._starting = 0  # new workers the refill is starting now
+        self._hosts: list[_Host] = []
+        self._ready: asyncio.Queue[_Host] = asyncio.Queue()  # one entry per prepared spare
+        self._filling = 0  # spares being prepared
+        self._starting = 0  # of those, the ones the refill prepares
         self._swept_at = -SWEEP_EVERY_S
         self._sweep_due = False  # a sweep is scheduled
         self._waiting = 0  # creates waiting for a spare being prepared
         self._demand: deque[float] = deque()  # when the creates of the last idle_s came
-        self.created = 0
-        self.recycled = 0
-        self.retired = 0
+        self.counts = dict.fromkeys(("hosts_started", "hosts_retired", "prepared", "discarded"), 0)
         # What this pool handed out, so that a restarted directory can learn it again.
-        self._claimed: dict[str, SandboxRef] = {}
+        self._claimed: dict[str, tuple[SandboxRef, _Host]] = {}
         self._refused: tuple[str, float] | None = None  # why this node cannot isolate, and when
-        self._me: ActorHandle | None = None  # this pool as an actor: where stopped actors return
+        self._me: ActorHandle | None = None  # this pool as an actor: where hosts report stops
 
     def _backend(self) -> Backend:
         """This node's backend; IsolationUnavailableError, remembered a while, when it refuses
@@ -96,10 +112,51 @@ class PoolService:
         """What sandboxes started here get (readiness, metrics); raises when the node refuses."""
         return self._backend().isolation
 
-    def _new_actor(self) -> ActorHandle:
-        self.created += 1
-        options = pinned(self.node_id)
-        return cast(ActorHandle, SandboxActor.options(**options).remote(self.isolation, self._me))
+    def _host(self) -> _Host:
+        """Where the next sandbox goes: the least loaded host that is not worn; a new one when
+        there is none, or when each holds SPREAD_AT and the node has fewer than
+        `hosts_per_node` (a few sandboxes share one worker; a burst spreads over several)."""
+        fit = [h for h in self._hosts if h.served + h.spares < self.settings.max_incarnations]
+        best = min(fit, key=lambda h: h.load, default=None)
+        if best is not None and (
+            best.load < SPREAD_AT or len(self._hosts) >= self.settings.hosts_per_node
+        ):
+            return best
+        self.counts["hosts_started"] += 1
+        options = {**pinned(self.node_id), "max_concurrency": MAX_CALLS}
+        actor = cast(ActorHandle, SandboxActor.options(**options).remote(self.isolation, self._me))
+        host = _Host(actor)
+        self._hosts.append(host)
+        return host
+
+    def _lost(self, host: _Host) -> None:
+        """A host that died: its spares are gone (its sandboxes too: the directory learns that
+        from their refs)."""
+        if host in self._hosts:
+            self._hosts.remove(host)
+            log.warning("a sandbox host on node %s died", self.node_id)
+        kept = [h for h in self._drain_queue() if h is not host]
+        for h in kept:
+            self._ready.put_nowait(h)
+
+    def _drain_queue(self) -> list[_Host]:
+        entries = []
+        while not self._ready.empty():
+            entries.append(self._ready.get_nowait())
+        return entries
+
+    def _retire_if_done(self, host: _Host) -> None:
+        """End a host that holds nothing, when it is worn or the node is quiet again (demand
+        down to the floor); the last host stays while the floor wants spares."""
+        if host.load or host not in self._hosts:
+            return
+        worn = host.served >= self.settings.max_incarnations
+        quiet = self.target() <= self.size and (self.size == 0 or len(self._hosts) > 1)
+        if worn or quiet:
+            self._hosts.remove(host)
+            self.counts["hosts_retired"] += 1
+            # Ended after the calls already sent to it (a stop's reply among them) have answered.
+            host.actor.__ray_terminate__.remote()
 
     def target(self) -> int:
         """Spares wanted now: the creates of the last idle_s, between the floor and ceiling."""
@@ -108,29 +165,32 @@ class PoolService:
             self._demand.popleft()
         return min(self.ceiling, max(self.size, len(self._demand)))
 
-    async def _prepare_one(self) -> None:
+    async def _prepare_one(self, refilling: bool = False) -> None:
+        host = self._host()
+        host.spares += 1
         self._filling += 1
-        self._starting += 1
-        prepared = False
+        self._starting += refilling
         try:
-            actor = self._new_actor()
-            await actor.prepare.remote(self.defaults)
-            self._ready.put_nowait(actor)
-            prepared = True
-        except Exception:  # a failed spare is logged; the next create starts one itself
+            await host.actor.prepare.remote(self.defaults)
+        except Exception as exc:  # a failed spare is logged; the next create builds one itself
+            host.spares -= 1
+            if isinstance(exc, RayActorError):
+                self._lost(host)
             log.exception("cannot prepare a warm sandbox on node %s", self.node_id)
+            return
         finally:
             self._filling -= 1
-            self._starting -= 1
-        if prepared:
+            self._starting -= refilling
+        self.counts["prepared"] += 1
+        self._ready.put_nowait(host)
+        if refilling:
             self.refill()  # the next of a floor larger than REFILL_AT_ONCE
 
     def refill(self) -> None:
-        """Start new spares toward the floor, REFILL_AT_ONCE at a time: a refill that started
-        one worker per claim would, under a burst, race the burst's own creates for the same
-        CPUs (with a floor of 100, a warm burst of 100 took minutes that way)."""
-        # Sandboxes of actors that died without stop() (crash, ray.kill) are swept here, on
-        # their node, where the pool runs anyway after claims.
+        """Prepare spares toward the floor, REFILL_AT_ONCE at a time: a refill that prepared one
+        per claim would, under a burst, race the burst's own creates for the same CPUs."""
+        # Sandboxes of hosts that died without stopping them (crash, ray.kill) are swept here,
+        # on their node, where the pool runs anyway after claims.
         try:
             backend = self._backend()
         except IsolationUnavailableError:
@@ -138,7 +198,7 @@ class PoolService:
         self._sweep(backend)
         missing = self.size - self._ready.qsize() - self._filling
         for _ in range(max(0, min(missing, REFILL_AT_ONCE - self._starting))):
-            asyncio.ensure_future(self._prepare_one())
+            asyncio.ensure_future(self._prepare_one(refilling=True))
 
     def _sweep(self, backend: Backend) -> None:
         """The janitor's sweep now, or once SWEEP_EVERY_S after the last (a burst's claims
@@ -151,120 +211,134 @@ class PoolService:
             self._sweep_due = True
             asyncio.get_running_loop().call_later(wait_s, self._sweep, backend)
 
-    async def _take(self) -> ActorHandle:
-        """A prepared actor if one is ready; else one being prepared that no other create
-        waits for yet; else a fresh one (cold: pays the worker start).
+    async def _take(self) -> _Host:
+        """A host holding a prepared spare, if one is ready; else one whose spare is being
+        prepared and no other create waits for yet; else the least loaded host, which builds
+        the sandbox at its start (cold: pays the set-up, still no worker start).
 
-        Under a burst of creates, waiting for a spare already on its way keeps the worker starts
-        to one per create: starting a new one beside it would cost this node's CPUs twice.
+        Under a burst of creates, waiting for a spare already on its way keeps the set-ups to
+        one per create: building another beside it would cost this node's CPUs twice.
         """
         try:
-            return self._ready.get_nowait()
+            host = self._ready.get_nowait()
         except asyncio.QueueEmpty:
-            pass
-        if self._filling > self._waiting:
+            host = None
+        if host is None and self._filling > self._waiting:
             self._waiting += 1
             try:
-                return await asyncio.wait_for(self._ready.get(), SPARE_WAIT_S)
+                host = await asyncio.wait_for(self._ready.get(), SPARE_WAIT_S)
             except TimeoutError:
-                pass  # that spare failed or is stuck: start one for this create
+                pass  # that spare failed or is stuck: build one for this create
             finally:
                 self._waiting -= 1
-        actor = self._new_actor()
-        await actor.prepare.remote(self.defaults)
-        return actor
+        if host is not None:
+            host.spares -= 1
+            return host
+        return self._host()
 
     def _refill_after_reply(self) -> None:
-        # A new spare costs a Ray worker start (a second of CPU here) and its creation blocks
-        # this loop for a GCS round trip: start it once the caller has its answer.
+        # Preparing a spare blocks this loop briefly (a new host: a GCS round trip) and costs
+        # CPU that the caller's own sandbox needs: do it once the caller has its answer.
         asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
 
     async def create(
         self, sandbox_id: str, limits: SandboxLimits, directory: ActorHandle
     ) -> tuple[SandboxRef, SandboxInfo]:
-        """Claim a spare, start it with these limits and register it: one call for the client.
+        """Start a sandbox in one of this node's hosts (a prepared spare if one is ready) and
+        register it: one call for the client.
 
-        The pool already talks to its spares and to the directory, so the calls that follow the
-        claim cost no address lookups, which a client's first call to a new actor does.
+        The pool already talks to its hosts and to the directory, so the calls that follow
+        cost no address lookups, which a client's first call to an actor does.
         """
-        self._backend()  # a node that cannot isolate refuses before any actor starts
+        self._backend()  # a node that cannot isolate refuses before any sandbox is built
         self._demand.append(time.monotonic())
-        actor = await self._take()
         try:
-            ticket = new_ticket()
-            info: SandboxInfo = await actor.start.remote(sandbox_id, limits, ticket)
-            ref = SandboxRef(actor, ticket)
-            await directory.register.remote(sandbox_id, ref, self.node_id)
-            self._claimed[sandbox_id] = ref
-            if len(self._claimed) % PRUNE_EVERY == 0:
-                asyncio.ensure_future(self.claims())  # forget the stopped ones now and then
-        except BaseException:
-            ray.kill(actor)
-            raise
+            return await self._create(sandbox_id, limits, directory)
         finally:
             self._refill_after_reply()
+
+    async def _create(
+        self, sandbox_id: str, limits: SandboxLimits, directory: ActorHandle
+    ) -> tuple[SandboxRef, SandboxInfo]:
+        for attempt in range(2):  # a host found dead is dropped, and another one tried
+            host = await self._take()
+            host.running += 1  # counted before the await, so _host() sees it
+            host.served += 1
+            ticket = new_ticket()
+            try:
+                info: SandboxInfo = await host.actor.start.remote(sandbox_id, limits, ticket)
+            except RayActorError:
+                host.running -= 1
+                self._lost(host)
+                if attempt:
+                    raise
+                continue
+            except BaseException:  # the host tore down what it had built
+                host.running -= 1
+                self._retire_if_done(host)
+                raise
+            break
+        ref = SandboxRef(host.actor, ticket)
+        self._claimed[sandbox_id] = (ref, host)
+        try:
+            await directory.register.remote(sandbox_id, ref, self.node_id)
+        except BaseException:
+            host.actor.stop.remote(ticket)  # unknown to the directory: nobody else would
+            raise
+        if len(self._claimed) % PRUNE_EVERY == 0:
+            asyncio.ensure_future(self.claims())  # forget the lost ones now and then
         return ref, info
 
     async def recycle(self, sandbox_id: str, actor: ActorHandle, incarnations: int) -> None:
-        """A stopped sandbox's actor, back from its stop (torn down, its sandbox forgotten):
-        prepared again as a spare while demand wants one, else ended."""
+        """A host's report that a sandbox of this pool stopped (torn down, forgotten): while
+        demand wants more spares than there are, one is prepared in its place."""
         claimed = self._claimed.pop(sandbox_id, None)
-        if claimed is None:  # not one of this pool's (it restarted meanwhile): not reused
-            actor.__ray_terminate__.remote()  # after its stop has answered, as below
+        if claimed is None:  # not one of this pool's (it restarted meanwhile, with new hosts)
             return
-        # The pool's own handle, not the one the actor sent: an actor's handle to itself does
-        # not keep it alive, and this pool's handle is the one that owns it.
-        actor = claimed.actor
-        worn = incarnations >= self.settings.max_incarnations
-        if worn or self._ready.qsize() + self._filling >= self.target():
-            self.retired += 1
-            # Ended after the stop that sent it here has answered its caller: a ray.kill could
-            # land before that reply, and the caller would take the stop for failed.
-            actor.__ray_terminate__.remote()
-            return
-        self._filling += 1
-        try:
-            await actor.prepare.remote(self.defaults)
-            self._ready.put_nowait(actor)
-            self.recycled += 1
-        except Exception:  # not fit to serve again: end it; the floor's refill replaces it
-            log.warning("a recycled sandbox actor on node %s failed", self.node_id, exc_info=True)
-            ray.kill(actor)
-        finally:
-            self._filling -= 1
+        host = claimed[1]
+        host.running -= 1
+        self._retire_if_done(host)
+        if self._ready.qsize() + self._filling < self.target():
+            await self._prepare_one()
 
     async def trim(self) -> int:
-        """End the spares above what demand wants now (the pool shrinks when idle); how many."""
+        """Discard the spares above what demand wants now (the pool shrinks when idle), and end
+        the hosts left with nothing; how many spares."""
         ended = 0
         while self._ready.qsize() > self.target():
             ended += 1
-            self.retired += 1
             try:
                 await self._end_spare()
             except Exception:  # its sandbox's leftovers are the janitor's
                 log.warning("discarding a spare on node %s failed", self.node_id, exc_info=True)
+        for host in list(self._hosts):
+            self._retire_if_done(host)
         return ended
 
     async def _end_spare(self) -> None:
-        """Take a ready spare, tear its standby sandbox down and end its actor."""
-        actor = self._ready.get_nowait()
+        """Take a ready spare and tear it down in its host."""
+        host = self._ready.get_nowait()
+        host.spares -= 1
+        self.counts["discarded"] += 1
         try:
-            await actor.discard.remote()
-        finally:
-            ray.kill(actor)
+            await host.actor.discard.remote()
+        except RayActorError:
+            self._lost(host)
 
     async def claims(self, timeout_s: float = 5.0) -> dict[str, tuple[SandboxRef, str]]:
-        """The sandboxes this pool handed out whose actors still live (the stopped ones are
-        forgotten here): what the directory registers again after a restart."""
-        probes: dict[str, Any] = {sid: ref.ready() for sid, ref in self._claimed.items()}
+        """The sandboxes this pool handed out that still run (the lost ones are forgotten
+        here): what the directory registers again after a restart."""
+        probes: dict[str, Any] = {sid: ref.ready() for sid, (ref, _) in self._claimed.items()}
         for sandbox_id, probe in probes.items():
             try:
                 await asyncio.wait_for(probe, timeout_s)
-            except RayActorError:
-                self._claimed.pop(sandbox_id, None)
+            except (RayActorError, StaleTicketError):
+                lost = self._claimed.pop(sandbox_id, None)
+                if lost is not None:
+                    lost[1].running -= 1
             except TimeoutError:
                 pass  # busy or briefly unreachable is not dead
-        return {sid: (ref, self.node_id) for sid, ref in self._claimed.items()}
+        return {sid: (ref, self.node_id) for sid, (ref, _) in self._claimed.items()}
 
     def stats(self) -> dict[str, int]:
         return {
@@ -272,22 +346,24 @@ class PoolService:
             "filling": self._filling,
             "size": self.size,
             "target": self.target(),
-            "created": self.created,
-            "recycled": self.recycled,
-            "retired": self.retired,
+            "hosts": len(self._hosts),
+            "running": sum(h.running for h in self._hosts),
+            **self.counts,
             "refused": int(self._refused is not None),
         }
 
     async def drain(self) -> None:
-        """Discard the spares (their standby launchers) and stop refilling and recycling."""
+        """Discard the spares and stop refilling; hosts left with nothing end."""
         self.size = self.ceiling = 0
         while not self._ready.empty():
             await self._end_spare()
+        for host in list(self._hosts):
+            self._retire_if_done(host)
 
 
 class _FillingPool(PoolService):
-    """As a Ray actor the pool starts filling at once, not at its first call, takes back the
-    actors of stopped sandboxes, and trims itself when idle."""
+    """As a Ray actor the pool starts filling at once, not at its first call, hears of its
+    hosts' stops, and trims itself when idle."""
 
     def __init__(
         self,

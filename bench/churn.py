@@ -1,7 +1,7 @@
 """Churn: clients that each create a sandbox, run `echo hi` in it and delete it, over and over;
-cycles per second over HTTP, with recycled actors (the default) and without them
-(CAVE_POOL_MAX_INCARNATIONS=1: every stopped sandbox's actor ends, every create waits for a new
-worker: what CAVE did before issue 13), each on a scratch cluster from `cave up`.
+cycles per second over HTTP, with sandboxes in shared hosts (the default) and with a worker per
+sandbox (CAVE_POOL_MAX_INCARNATIONS=1: each host runs one sandbox and ends, every create waits
+for a new worker: what CAVE did before issue 13), each on a scratch cluster from `cave up`.
 
     python -m bench.churn              # 8 clients, 30 s each (after 5 s of warm-up)
     CAVE_BENCH_CLIENTS=4 CAVE_BENCH_SECONDS=60 python -m bench.churn
@@ -58,13 +58,13 @@ async def churn(cluster: LocalCluster) -> tuple[float, float, Counter[str]]:
 def main() -> None:
     rows: dict[str, tuple[float, float, Counter[str]]] = {}
     for name, settings in (
-        ("no recycling (before)", {"CAVE_POOL_MAX_INCARNATIONS": "1"}),
-        ("recycled actors (default)", {}),
+        ("a worker per sandbox (before)", {"CAVE_POOL_MAX_INCARNATIONS": "1"}),
+        ("shared hosts (default)", {}),
     ):
         with local_cluster(**settings) as cluster:
             rows[name] = asyncio.run(churn(cluster))
     print(f"\nchurn at {CLIENTS} clients, {SECONDS:g} s, create + `echo hi` + delete over HTTP")
-    base = rows["no recycling (before)"][0]
+    base = rows["a worker per sandbox (before)"][0]
     for name, (rate, median_ms, errors) in rows.items():
         ratio = f"  x{rate / base:.2f}" if base else ""
         failed = f"  errors {dict(errors)}" if errors else ""

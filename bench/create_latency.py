@@ -1,6 +1,5 @@
-"""Create-to-ready through the driver's handle: cold (no pool, no recycling: the create pays a
-worker start), from the actor of the sandbox stopped just before (recycled; no floor), and from a
-warm pool."""
+"""Create-to-ready through the driver's handle: cold (no pool: the create pays a host's worker
+start), from the spare prepared after the stop just before (no floor), and from a warm pool."""
 
 from __future__ import annotations
 
@@ -45,11 +44,11 @@ def measure(settings, warm: bool) -> dict[str, float]:  # type: ignore[no-untype
 
 def main() -> None:
     # One cluster each: a node's pool is a named singleton, created with its first settings.
-    cold = "create, cold (no pool, no recycling: worker start)"
+    cold = "create, cold (no pool: worker start)"
     rows = {}
     for name, settings, warm in (
         (cold, bench_settings(CAVE_POOL_SIZE="0", CAVE_POOL_MAX="0"), False),
-        ("create, recycled actor (no floor)", bench_settings(CAVE_POOL_SIZE="0"), False),
+        ("create, spare after a stop (no floor)", bench_settings(CAVE_POOL_SIZE="0"), False),
         ("create, warm pool", bench_settings(CAVE_POOL_SIZE="2"), True),
     ):
         start_ray()

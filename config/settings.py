@@ -166,7 +166,7 @@ class PoolSettings(BaseModel, frozen=True, extra="forbid"):
         ge=0,
         description=(
             "Spare sandboxes each node keeps prepared at least, however quiet; 0 keeps none "
-            "when idle (the pool still reuses stopped sandboxes' actors under demand)"
+            "when idle (under demand the pool still prepares spares after stops)"
         ),
     )
     max_per_node: int = env_field(
@@ -174,8 +174,8 @@ class PoolSettings(BaseModel, frozen=True, extra="forbid"):
         ge=0,
         description=(
             "Most spares a node keeps: under demand the pool grows toward the creates of the "
-            "last `idle_s` (by keeping stopped sandboxes' actors), never beyond this; each "
-            "spare holds a Ray worker (about 60 MiB)"
+            "last `idle_s` (by preparing one after each stop), never beyond this; a spare "
+            "costs its sandbox's own processes (a few MiB), no Ray worker"
         ),
     )
     idle_s: float = env_field(
@@ -190,8 +190,16 @@ class PoolSettings(BaseModel, frozen=True, extra="forbid"):
         "CAVE_POOL_MAX_INCARNATIONS",
         ge=1,
         description=(
-            "Sandboxes one actor runs, one after another, before it is ended and replaced "
-            "(bounds what a long-lived worker process could accumulate)"
+            "Sandboxes one host actor starts before it takes no more and ends once its last "
+            "one stopped (bounds what a long-lived worker process could accumulate)"
+        ),
+    )
+    hosts_per_node: int = env_field(
+        "CAVE_POOL_HOSTS",
+        ge=1,
+        description=(
+            "Host actors per node that run its sandboxes (each a Ray worker, about 55 MiB); "
+            "more spread a node's sandboxes over more processes, so that one crash loses fewer"
         ),
     )
 

@@ -1,5 +1,5 @@
-"""A stopped sandbox's actor serves the next sandbox: no worker ends, none starts, and nothing of
-the old sandbox survives in it (files, processes, environment, cgroup, the actor's memory)."""
+"""A stopped sandbox's host serves the next sandbox: no worker ends, none starts, and nothing of
+the old sandbox survives (files, processes, environment, cgroup, the host's memory)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _pool(settings: Settings, **pool: Any) -> Any:
 
 @pytest.fixture
 def pool(settings: Settings) -> Iterator[Any]:
-    # No floor: every spare it holds is a stopped sandbox's actor, kept for the next create.
+    # No floor: every spare it holds was prepared after a stop, for the next create.
     handle = _pool(settings, size_per_node=0, max_per_node=2, idle_s=600, max_incarnations=3)
     yield handle
     ray.get(handle.drain.remote())
@@ -84,16 +84,21 @@ def _memory_peak(dirs: list[Path]) -> int:
 
 
 def _memory_of(actor: Any) -> str:
-    """Everything the actor's Python object holds, its sandbox's too, as text."""
+    """Everything the host's Python object holds, its sandboxes' too, as text."""
 
     def dump(service: Any) -> str:
-        return repr(vars(service)) + repr(vars(service._sandbox))
+        hosted = list(service._running.values())
+        return (
+            repr(vars(service))
+            + "".join(repr(vars(h)) + repr(vars(h.sandbox)) for h in hosted)
+            + "".join(repr(vars(sandbox)) for sandbox in service._standby)
+        )
 
     text: str = ray.get(actor.__ray_call__.remote(dump))
     return text
 
 
-def test_a_stopped_sandbox_actor_serves_the_next_and_keeps_nothing(
+def test_a_stopped_sandboxs_host_serves_the_next_and_keeps_nothing(
     pool: Any, settings: Settings
 ) -> None:
     old = _create(pool, settings)
@@ -112,8 +117,8 @@ def test_a_stopped_sandbox_actor_serves_the_next_and_keeps_nothing(
 
     old.stop()
     del running
-    assert _stats(pool)["created"] == 1
-    poll_until(lambda: _stats(pool)["ready"] == 1, what="the actor back in its pool")
+    assert _stats(pool)["hosts_started"] == 1
+    poll_until(lambda: _stats(pool)["ready"] == 1, what="a spare prepared after the stop")
     assert not _marked(marker), "a process of the stopped sandbox survived"
     assert not any(d.exists() for d in burned), "the stopped sandbox's cgroup survived"
     assert not (settings.isolation.state_dir / "sandboxes" / old_slot).exists()
@@ -121,7 +126,7 @@ def test_a_stopped_sandbox_actor_serves_the_next_and_keeps_nothing(
     new = _create(pool, settings)
     try:
         assert new.actor.actor._actor_id == old.actor.actor._actor_id  # the same worker
-        assert _stats(pool)["created"] == 1, "a worker was started for the second sandbox"
+        assert _stats(pool)["hosts_started"] == 1, "a worker was started for the second sandbox"
         info = new.info()
         assert info.id == new.id and info.slot != old_slot
         listing = new.run("ls -A; ls -A /tmp; env").stdout.decode()
@@ -138,7 +143,7 @@ def test_a_stopped_sandbox_actor_serves_the_next_and_keeps_nothing(
 def test_the_old_handle_reaches_nothing_of_the_new_sandbox(pool: Any, settings: Settings) -> None:
     old = _create(pool, settings)
     old.stop()
-    poll_until(lambda: _stats(pool)["ready"] == 1, what="the actor back in its pool")
+    poll_until(lambda: _stats(pool)["ready"] == 1, what="a spare prepared after the stop")
     new = _create(pool, settings)
     try:
         assert new.actor.actor._actor_id == old.actor.actor._actor_id
@@ -175,36 +180,52 @@ def test_the_old_handle_reaches_nothing_of_the_new_sandbox(pool: Any, settings: 
 
 def test_the_pool_keeps_at_most_its_ceiling(pool: Any, settings: Settings) -> None:
     sandboxes = [_create(pool, settings) for _ in range(3)]
-    assert _stats(pool)["created"] == 3
+    assert _stats(pool)["hosts_started"] == 1  # a few sandboxes share one host
     for sandbox in sandboxes:
         sandbox.stop()
-    poll_until(lambda: _stats(pool)["ready"] == 2, what="two back in the pool (its ceiling)")
-    assert _stats(pool)["retired"] == 1  # the third was ended
+    poll_until(lambda: _stats(pool)["ready"] == 2, what="two spares (its ceiling)")
+    assert _stats(pool)["prepared"] == 2  # none for the third stop
     again = [_create(pool, settings) for _ in range(2)]
-    assert _stats(pool)["created"] == 3  # both from the kept actors
+    stats = _stats(pool)
+    assert stats["ready"] == 0 and stats["prepared"] == 2  # both took the prepared spares
     for sandbox in again:
         sandbox.stop()
 
 
-def test_a_worn_actor_is_ended_not_reused(settings: Settings) -> None:
+def test_a_worn_host_is_ended_not_reused(settings: Settings) -> None:
     pool = _pool(settings, size_per_node=0, max_per_node=1, idle_s=600, max_incarnations=2)
     try:
         first = _create(pool, settings)
         actor_id = first.actor.actor._actor_id
         first.stop()
-        poll_until(lambda: _stats(pool)["ready"] == 1, what="the actor back in its pool")
+        poll_until(lambda: _stats(pool)["ready"] == 1, what="a spare after the stop")
         second = _create(pool, settings)
         assert second.actor.actor._actor_id == actor_id
-        second.stop()  # its second sandbox: max_incarnations reached
-        poll_until(lambda: _stats(pool)["retired"] == 1, what="the worn actor ended")
-        poll_until(lambda: _actor_dead(actor_id), what="the worn actor's worker gone")
-        assert _stats(pool)["ready"] == 0
-        third = _create(pool, settings)
-        assert third.actor.actor._actor_id != actor_id and _stats(pool)["created"] == 2
+        second.stop()  # the host's second sandbox: max_incarnations reached
+        poll_until(lambda: _stats(pool)["hosts_retired"] == 1, what="the worn host ended")
+        poll_until(lambda: _actor_dead(actor_id), what="the worn host's worker gone")
+        third = _create(pool, settings)  # from the spare prepared in a new host
+        assert third.actor.actor._actor_id != actor_id
+        assert _stats(pool)["hosts_started"] == 2
         third.stop()
     finally:
         ray.get(pool.drain.remote())
         ray.kill(pool)
+
+
+def test_a_host_runs_many_sandboxes_apart(pool: Any, settings: Settings) -> None:
+    a, b = _create(pool, settings), _create(pool, settings)
+    try:
+        assert a.actor.actor._actor_id == b.actor.actor._actor_id  # one worker for both
+        a.run("echo a-secret > mine")
+        assert b.run("ls -A; hostname").stdout.decode().split()[:1] != ["mine"]
+        assert a.info().slot != b.info().slot
+        a.stop()  # b goes on
+        assert b.run("echo alive").stdout == b"alive\n"
+        with pytest.raises(SandboxStateError):
+            a.run("true")
+    finally:
+        b.stop()
 
 
 def _actor_dead(actor_id: Any) -> bool:
@@ -218,7 +239,8 @@ def test_an_idle_pool_shrinks_to_its_floor(settings: Settings) -> None:
         sandboxes = [_create(pool, settings) for _ in range(3)]
         for sandbox in sandboxes:
             sandbox.stop()
-        # Three creates within idle_s: the pool keeps what came back, up to its ceiling...
+        # Three creates within idle_s: the pool prepares a spare after each stop, up to its
+        # ceiling...
         poll_until(lambda: _stats(pool)["ready"] == 3, what="the pool grown to its ceiling")
         # ...and once idle_s passes without a create, goes back to its floor of 1 (trimmed
         # every few seconds; asked here, so that the test need not wait for the next round).
@@ -241,7 +263,7 @@ def test_a_stop_through_a_stale_handle_stops_the_current_incarnation(settings: S
     stale = first.actor
     first.stop()
     again = create_sandbox(settings, sandbox_id=first.id)
-    other = create_sandbox(settings)  # may run on first's recycled actor
+    other = create_sandbox(settings)  # may run in first's host
     try:
         info = asyncio.run(remote.stop(first.id, stale))
         assert info is not None and info.id == first.id and info.state == "stopped"

@@ -134,7 +134,7 @@ def test_production_refuses_a_node_without_cgroups_and_runs_no_sandbox() -> None
         assert report[step] is not None, f"{step} was not refused"
         assert "CAVE_ENV=production requires namespaces, seccomp and cgroups" in report[step]
         assert "Read-only file system" in report[step]  # the reason, in the kernel's words
-    assert report["stats"]["created"] == 0 and report["stats"]["ready"] == 0
+    assert report["stats"]["hosts_started"] == 0 and report["stats"]["ready"] == 0
     assert report["stats"]["refused"] == 1
     assert report["sandbox_dirs"] == []  # no sandbox was even prepared
 
