@@ -42,19 +42,21 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 
 def sandbox_processes() -> dict[int, str]:
-    """The idle sandboxes' processes by kind: the actor's Ray worker, its keeper (the launcher
-    that stays), the zygote (the sandbox's init) and anything below."""
+    """The idle sandboxes' processes by kind: the hosts' Ray workers and their fork servers,
+    each sandbox's keeper (the launcher that stays), its zygote (the sandbox's init) and
+    anything below."""
     procs = _processes()
     kinds: dict[int, str] = {}
     for pid, (_, cmd) in procs.items():
         if cmd.startswith("ray::SandboxService"):
-            kinds[pid] = "Ray worker (the actor)"
-    for _ in range(3):  # keeper: a child of the worker; zygote: of the keeper; then the rest
+            kinds[pid] = "Ray worker (the host)"
+    for _ in range(4):  # the host's fork server, its keepers, their zygotes, then the rest
         for pid, (parent, _) in procs.items():
             if pid in kinds or parent not in kinds:
                 continue
             kinds[pid] = {
-                "Ray worker (the actor)": "keeper",
+                "Ray worker (the host)": "fork server",
+                "fork server": "keeper",
                 "keeper": "zygote (the sandbox's init)",
             }.get(kinds[parent], "other sandbox processes")
     return kinds
@@ -79,8 +81,9 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def main() -> None:
-    settings = bench_settings(CAVE_POOL_SIZE="0", CAVE_POOL_MAX="0")
+def measure(label: str, **env: str) -> float:
+    """Create COUNT idle sandboxes on a fresh cluster, print what they cost; GiB in total."""
+    settings = bench_settings(CAVE_POOL_SIZE="0", CAVE_POOL_MAX="0", **env)
     start_ray()
     before = used_bytes()
     start = time.perf_counter()
@@ -89,11 +92,10 @@ def main() -> None:
     for sandbox in sandboxes[:3]:
         assert sandbox.run("true").result.exit_code == 0
     time.sleep(2)  # let the workers settle after their first calls before reading memory
-    after = used_bytes()
-    total = after - before
+    total = used_bytes() - before
     print(
-        f"{COUNT} idle sandboxes: {total / 2**30:.2f} GiB in total, "
-        f"{total / COUNT / 2**20:.1f} MiB each (created in {elapsed:.1f} s)"
+        f"\n{label}: {COUNT} idle sandboxes: {total / 2**30:.2f} GiB in total, "
+        f"{total / COUNT / 2**20:.1f} MiB each (created one by one in {elapsed:.1f} s)"
     )
     kinds = sandbox_processes()
     pss: Counter[str] = Counter()
@@ -108,12 +110,20 @@ def main() -> None:
         idle_cpu[kind] = idle_cpu.get(kind, 0.0) + cpu_s(pid) - cpu_before[pid]
     busy = sum(idle_cpu.values()) / CPU_WINDOW_S
     each = busy / COUNT * 1000
-    print(f"  idle CPU: {busy:.2f} cores for {COUNT} sandboxes, {each:.1f} ms/s each")
+    print(f"  idle CPU: {busy:.2f} cores for {COUNT} sandboxes, {each:.2f} ms/s each")
     for kind, seconds in sorted(idle_cpu.items(), key=lambda item: -item[1]):
         print(f"    {kind:32s} {seconds / CPU_WINDOW_S / COUNT * 1000:6.2f} ms/s per sandbox")
     for sandbox in sandboxes:
         stop_sandbox(sandbox.id)
     stop_ray()
+    return total / 2**30
+
+
+def main() -> None:
+    # Baseline: a host per sandbox (each runs one and ends), what CAVE was before issue 13.
+    before = measure("a worker per sandbox (before)", CAVE_POOL_MAX_INCARNATIONS="1")
+    shared = measure("shared hosts (default)")
+    print(f"\nshared hosts take x{shared / before:.2f} the memory of a worker per sandbox")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ and no Ray worker beyond the pool's hosts."""
 from __future__ import annotations
 
 import os
-from collections import Counter
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,7 +91,9 @@ def test_a_soak_of_cycles_leaves_nothing_behind(pool: Any, settings: Settings) -
     # No process of a finished sandbox: the hosts that ran cycles and live on hold only spares,
     # each with the one keeper of a prepared next sandbox.
     worker_pids = set(ray.get([actor.__ray_call__.remote(_pid) for actor in spares]))
-    keepers = [pid for pid, parent in _launchers() if parent in worker_pids]
+    forked = dict(_forked())  # each host's fork server, and the launchers it forked
+    servers = {pid for pid, parent in forked.items() if parent in worker_pids}
+    keepers = [pid for pid, parent in forked.items() if parent in servers]
     in_hosts = sum(map(Counter, ray.get([a.load.remote() for a in spares])), start=Counter())
     assert in_hosts["running"] == 0 and len(keepers) == in_hosts["standby"] <= stats["ready"]
 
@@ -100,7 +102,7 @@ def _pid(_: Any) -> int:
     return os.getpid()
 
 
-def _launchers() -> Iterator[tuple[int, int]]:
+def _forked() -> Iterator[tuple[int, int]]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -109,5 +111,5 @@ def _launchers() -> Iterator[tuple[int, int]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if b"actors.isolation.launcher" in cmd:
+        if b"actors.isolation.forkserver" in cmd:
             yield int(entry.name), int(stat[stat.rindex(")") + 2 :].split()[1])

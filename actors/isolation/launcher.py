@@ -1,9 +1,11 @@
 """Standby process that becomes a sandbox: cgroup, namespaces, root filesystem, then the zygote.
 
-Started ahead of time by the host side with two sockets on the fds named in argv: the zygote's
-control channel and the keeper channel. It waits for one `setup` message. With the builtin
+Started ahead of time for the host side, forked by its fork server (actors/isolation/
+forkserver.py), with two sockets: the zygote's control channel and the keeper channel. It waits
+for one `setup` message. With the builtin
 backend it then stays as the sandbox's keeper: it holds the mount namespace where the disk tmpfs
-lives and resizes it on request. Run as `python -m actors.isolation.launcher FD KEEPER_FD`.
+lives and resizes it on request. `python -m actors.isolation.launcher FD KEEPER_FD` runs one on
+its own.
 """
 
 from __future__ import annotations
@@ -59,8 +61,12 @@ def _seccomp_memfd(setup: dict[str, Any]) -> int:
 
 
 def main() -> NoReturn:
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    keeper = socket.socket(fileno=int(sys.argv[2]))
+    run(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def run(sock_fd: int, keeper_fd: int) -> NoReturn:
+    sock = socket.socket(fileno=sock_fd)
+    keeper = socket.socket(fileno=keeper_fd)
     for channel in (sock, keeper):
         channel.set_inheritable(False)
     protocol.send(sock, {"op": "standby", "pid": os.getpid()})

@@ -8,10 +8,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import cache
 from pathlib import Path
 
 from actors.isolation import janitor, protocol
@@ -21,6 +21,7 @@ from actors.isolation.cgroups import CgroupLimits, SandboxCgroup
 from actors.isolation.channel import Channel
 from actors.isolation.exec_stream import ExecRequest, run_exec
 from actors.isolation.file_ops import FileOps
+from actors.isolation.forkserver import ForkServer, Launched
 from actors.isolation.results import ExecResult, OutputChunk
 from actors.isolation.rootfs import RootfsSpec
 from actors.isolation.stdin_feed import StdinFeed
@@ -57,7 +58,7 @@ class Sandbox:
         self._events: asyncio.Queue[protocol.Message] = asyncio.Queue()
         self._cgroup: SandboxCgroup | None = None
         self._zygote_pid: int | None = None
-        self._launcher: subprocess.Popen[bytes] | None = None
+        self._launcher: Launched | None = None
         self.files = FileOps(self._require_channel)
 
     @property
@@ -92,14 +93,12 @@ class Sandbox:
         host_sock, sandbox_sock = protocol.socket_pair()
         host_keeper, sandbox_keeper = protocol.socket_pair()
         fds = (sandbox_sock.fileno(), sandbox_keeper.fileno())
-        self._launcher = subprocess.Popen(
-            [sys.executable, "-m", "actors.isolation.launcher", *map(str, fds)],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            cwd=_PACKAGE_ROOT,
-            env={"PYTHONPATH": _PACKAGE_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        )
+        try:
+            self._launcher = _fork_server().spawn(fds)
+        except OSError as exc:
+            for sock in (host_sock, sandbox_sock, host_keeper, sandbox_keeper):
+                sock.close()
+            raise SandboxError(f"sandbox {self.id}: cannot start its launcher: {exc}") from exc
         sandbox_sock.close()
         sandbox_keeper.close()
         self._channel = Channel(host_sock, self._events.put_nowait)
@@ -243,6 +242,7 @@ class Sandbox:
             if self._launcher.poll() is None:
                 self._launcher.kill()
             await asyncio.to_thread(self._launcher.wait)
+            self._launcher.close()
         if self._cgroup is not None:
             await asyncio.to_thread(self._cgroup.destroy)
         shutil.rmtree(self.sandbox_dir, ignore_errors=True)
@@ -263,6 +263,15 @@ class Sandbox:
                 os.waitpid(pid, os.WNOHANG)
         finally:
             os.close(pidfd)
+
+
+@cache
+def _fork_server() -> ForkServer:
+    """This process's fork server, which starts every launcher (actors/isolation/forkserver.py);
+    it gets a clean environment: nothing of the Ray worker's (tokens, addresses) reaches a
+    sandbox's processes."""
+    env = {"PYTHONPATH": _PACKAGE_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return ForkServer(_PACKAGE_ROOT, env)
 
 
 def _cgroup_limits(limits: SandboxLimits) -> CgroupLimits:

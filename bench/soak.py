@@ -1,0 +1,90 @@
+"""The long soak: CAVE_BENCH_CYCLES (1,000) create / exec / delete cycles through the driver's
+handles, CAVE_BENCH_CLIENTS (8) at a time, on the default pool; then counts what is left on the
+node of every sandbox it ran: processes, mounts, cgroups, network devices, state directories,
+and the Ray workers beyond the pool's hosts. tests/test_soak.py runs the same, shorter, in CI.
+
+    python -m bench.soak
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+
+from actors.sandboxes import create_sandbox, stop_sandbox, warm_pool
+from bench.common import bench_settings, start_ray, stop_ray
+from config.settings import Settings
+
+CYCLES = int(os.environ.get("CAVE_BENCH_CYCLES", "1000"))
+CLIENTS = int(os.environ.get("CAVE_BENCH_CLIENTS", "8"))
+
+
+def cycle(settings: Settings, n: int) -> str:
+    sandbox = create_sandbox(settings)
+    out = sandbox.run(f"echo {n} > f; sleep 0.01 & cat f")
+    assert out.stdout == f"{n}\n".encode(), out
+    slot = sandbox.info().slot
+    stop_sandbox(sandbox.id)
+    return slot
+
+
+def processes(marker: bytes) -> int:
+    found = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            found += entry.name.isdigit() and marker in (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+    return found
+
+
+def leftovers(settings: Settings, slots: set[str]) -> dict[str, int]:
+    root = settings.isolation.cgroup_root
+    cgroups = sum(
+        bool(list(Path("/sys/fs/cgroup").glob(f"*/{root}/{s}")))
+        or Path(f"/sys/fs/cgroup/{root}/{s}").exists()
+        for s in slots
+    )
+    mounts = Path("/proc/self/mountinfo").read_text()
+    state = settings.isolation.state_dir / "sandboxes"
+    return {
+        "cgroups": cgroups,
+        "mounts": sum(s in mounts for s in slots),
+        "directories": sum((state / s).exists() for s in slots),
+    }
+
+
+def main() -> None:
+    settings = bench_settings()
+    start_ray()
+    devices = set(os.listdir("/sys/class/net"))
+    stop_sandbox(create_sandbox(settings).id)  # the directory and the pool start
+    start = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as clients:
+        slots = set(clients.map(lambda n: cycle(settings, n), range(CYCLES)))
+    elapsed = time.perf_counter() - start
+    pool = warm_pool(ray.get_runtime_context().get_node_id(), settings)
+    deadline = time.monotonic() + 60
+    while (stats := ray.get(pool.stats.remote()))["filling"] or stats["running"]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+    workers = processes(b"ray::SandboxService")
+    keepers = processes(b"actors.isolation.launcher")
+    left = leftovers(settings, slots)
+    print(f"{CYCLES} cycles at {CLIENTS} clients in {elapsed:.1f} s ({CYCLES / elapsed:.1f}/s)")
+    print(f"  distinct sandboxes (slots): {len(slots)}")
+    print(f"  pool: {stats}")
+    print(f"  host workers alive: {workers} (pool says {stats['hosts']})")
+    print(f"  keepers alive: {keepers} (spares: {stats['ready']})")
+    for kind, count in left.items():
+        print(f"  {kind} left by the {len(slots)} sandboxes: {count}")
+    print(f"  network devices added: {len(set(os.listdir('/sys/class/net')) - devices)}")
+    stop_ray()
+
+
+if __name__ == "__main__":
+    main()
