@@ -32,14 +32,31 @@ def cycle(settings: Settings, n: int) -> str:
     return slot
 
 
-def processes(marker: bytes) -> int:
-    found = 0
+def process_table() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line)."""
+    table = {}
     for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            found += entry.name.isdigit() and marker in (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+            table[int(entry.name)] = (
+                int(stat[stat.rindex(")") + 2 :].split()[1]),
+                (entry / "cmdline").read_bytes(),
+            )
         except OSError:
             continue
-    return found
+    return table
+
+
+def sandbox_processes() -> dict[str, int]:
+    """The hosts' workers, their fork servers, and what those forked (keepers and zygotes)."""
+    table = process_table()
+    hosts = {pid for pid, (_, cmd) in table.items() if cmd.startswith(b"ray::SandboxService")}
+    servers = {pid for pid, (parent, _) in table.items() if parent in hosts}
+    keepers = {pid for pid, (parent, _) in table.items() if parent in servers}
+    below = {pid for pid, (parent, _) in table.items() if parent in keepers}
+    return {"hosts": len(hosts), "keepers": len(keepers), "below keepers": len(below)}
 
 
 def leftovers(settings: Settings, slots: set[str]) -> dict[str, int]:
@@ -72,14 +89,16 @@ def main() -> None:
     while (stats := ray.get(pool.stats.remote()))["filling"] or stats["running"]:
         assert time.monotonic() < deadline, stats
         time.sleep(0.1)
-    workers = processes(b"ray::SandboxService")
-    keepers = processes(b"actors.isolation.launcher")
+    while (alive := sandbox_processes())["hosts"] != stats["hosts"]:  # retired ones ending
+        assert time.monotonic() < deadline, (alive, stats)
+        time.sleep(0.1)
     left = leftovers(settings, slots)
     print(f"{CYCLES} cycles at {CLIENTS} clients in {elapsed:.1f} s ({CYCLES / elapsed:.1f}/s)")
     print(f"  distinct sandboxes (slots): {len(slots)}")
     print(f"  pool: {stats}")
-    print(f"  host workers alive: {workers} (pool says {stats['hosts']})")
-    print(f"  keepers alive: {keepers} (spares: {stats['ready']})")
+    print(f"  host workers alive: {alive['hosts']} (the pool's: {stats['hosts']})")
+    print(f"  keepers alive: {alive['keepers']} (spares: {stats['ready']})")
+    print(f"  zygotes and processes below them: {alive['below keepers']}")
     for kind, count in left.items():
         print(f"  {kind} left by the {len(slots)} sandboxes: {count}")
     print(f"  network devices added: {len(set(os.listdir('/sys/class/net')) - devices)}")
