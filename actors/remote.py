@@ -96,11 +96,14 @@ async def create(
     node_id: str | None = None,
     pool: str = DEFAULT_POOL,
     wait_s: float = 0.0,
+    reserved: bool = False,
 ) -> tuple[SandboxRef, SandboxInfo]:
     """A started sandbox from its node's warm pool, registered in the directory. `node_id`
-    (already reserved, or a node asked for by name) skips placement."""
+    (a node asked for by name, or one `reserve` gave: `reserved`) skips placement."""
     if node_id is None:
         node = await reserve(sandbox_id, settings, pool, wait_s)
+    elif reserved:
+        node = node_id  # the directory placed it there a moment ago, alive
     else:
         node = await asyncio.to_thread(choose_node, node_id)  # ray.nodes(): a blocking GCS call
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from actors import remote
 from actors.placement import DEFAULT_POOL, POOL_LABEL
-from cave.audit.event import Outcome
+from cave.audit.event import AuditEvent, Outcome
 from cave.audit.trail import AuditTrail
 from cave.auth import api_keys
 from cave.auth.keys import ForbiddenError, KeyService, Principal
@@ -98,14 +98,19 @@ class SandboxManager(SandboxOps):
                 sandbox_id, self.settings, pool, request.wait_s, limits.memory_bytes
             )
         try:
-            row, plaintext = await self._insert(principal, namespace, request, limits, sandbox_id)
+            row, plaintext, keyed = await self._insert(
+                principal, namespace, request, limits, sandbox_id
+            )
         except BaseException:
             if node is not None:
                 await remote.release(sandbox_id)
             raise
-        await self._audit(principal, "sandbox.create", row, {"name": row.name})
-        if request.start:
-            row = await self._start(principal, row, node)
+        # Recorded in one transaction with the start's (one commit, not three).
+        created = [keyed, self._event(principal, "sandbox.create", row, {"name": row.name})]
+        if request.start:  # inserted as `starting`: the start's own claim is not needed
+            row = await self._start(principal, row, node, claimed=True, before=created)
+        else:
+            await self.audit.record_many(created)
         return CreatedSandboxOut(**sandbox_out(row).model_dump(), api_key=plaintext)
 
     async def _pool(self, principal: Principal, namespace: str, labels: dict[str, str]) -> str:
@@ -199,8 +204,9 @@ class SandboxManager(SandboxOps):
         request: CreateSandboxRequest,
         limits: SandboxLimits,
         sandbox_id: str,
-    ) -> tuple[SandboxRow, str]:
-        """The record and the sandbox's own key, sealed onto it: one transaction, both or none."""
+    ) -> tuple[SandboxRow, str, AuditEvent]:
+        """The record and the sandbox's own key, sealed onto it: one transaction, both or none;
+        the key's audit event, for the caller to record with its own."""
         defaults = self.settings.quotas
         async with self.db.namespace_session(namespace) as session:
             await quotas.admit(session, namespace, limits, defaults)  # refused: nothing written
@@ -208,7 +214,7 @@ class SandboxManager(SandboxOps):
                 id=sandbox_id,
                 namespace_id=namespace,
                 name=request.name,
-                state="created",
+                state="starting" if request.start else "created",
                 limits=limits.model_dump(),
                 labels=dict(request.labels),
                 ttl_s=request.ttl_s or defaults.default_ttl_s or None,
@@ -216,8 +222,7 @@ class SandboxManager(SandboxOps):
             )
             key, plaintext = add_sandbox_key(self.keys, session, row, principal.expires_at)
             session.add(row)
-        await self.keys.record_created(key, principal.key_id)
-        return row, plaintext
+        return row, plaintext, self.keys.created_event(key, principal.key_id)
 
     async def start(self, principal: Principal, sandbox_id: str) -> CreatedSandboxOut:
         """Start it; a sandbox whose stop revoked its key gets a new one, shown in `api_key`."""
@@ -237,28 +242,39 @@ class SandboxManager(SandboxOps):
         return CreatedSandboxOut(**{**out.model_dump(), "api_key_masked": masked}, api_key=key)
 
     async def _start(
-        self, principal: Principal, row: SandboxRow, node: str | None = None
+        self,
+        principal: Principal,
+        row: SandboxRow,
+        node: str | None = None,
+        claimed: bool = False,
+        before: Sequence[AuditEvent] = (),
     ) -> SandboxRow:
         """Start it on `node`, reserved for it, or on a node reserved now (CapacityError when
-        every node of its pool is full, with the record as it was)."""
+        every node of its pool is full, with the record as it was). `claimed`: the record is
+        `starting` already (a create inserted it so); `before`: audit events recorded with the
+        start's own, in one transaction."""
         limits = SandboxLimits.model_validate(row.limits)
         if node is None:
             pool = row.labels.get(POOL_LABEL, DEFAULT_POOL)
             node = await remote.reserve(row.id, self.settings, pool, 0.0, limits.memory_bytes)
-        try:
-            claimed = await self._claim_start(row, limits)
-        except BaseException:
-            await remote.release(row.id)
-            raise
+        if not claimed:
+            try:
+                claimed = await self._claim_start(row, limits)
+            except BaseException:
+                await remote.release(row.id)
+                raise
         if not claimed:
             await remote.release(row.id)
             return await self._load(principal, row.id)  # another request is starting it
         try:
             with span("sandbox.start", sandbox_id=row.id, node_id=node):
-                actor, info = await remote.create(row.id, limits, self.settings, node)
+                actor, info = await remote.create(
+                    row.id, limits, self.settings, node, reserved=True
+                )
         except CaveError as exc:
             await self._set(row.id, state="failed", failure=str(exc))
-            await self._audit(principal, "sandbox.start", row, {"error": exc.code}, "error")
+            failed = self._event(principal, "sandbox.start", row, {"error": exc.code}, "error")
+            await self.audit.record_many([*before, failed])
             raise
         now = utcnow()
         expires = now + timedelta(seconds=row.ttl_s) if row.ttl_s else None
@@ -274,7 +290,8 @@ class SandboxManager(SandboxOps):
             isolation=info.isolation.as_dict() if info.isolation else None,  # the actor's word
         )
         self.live[row.id] = Live(row.namespace_id, actor)
-        await self._audit(principal, "sandbox.start", row, {"node_id": info.node_id})
+        started = self._event(principal, "sandbox.start", row, {"node_id": info.node_id})
+        await self.audit.record_many([*before, started])
         return row
 
     async def _claim_start(self, row: SandboxRow, limits: SandboxLimits) -> bool:
@@ -457,8 +474,17 @@ class SandboxManager(SandboxOps):
         details: dict[str, object],
         outcome: Outcome = "ok",
     ) -> None:
-        event = principal.audit_event(action, row.id, row.namespace_id, details, outcome)
-        await self.audit.record(event)
+        await self.audit.record(self._event(principal, action, row, details, outcome))
+
+    @staticmethod
+    def _event(
+        principal: Principal,
+        action: str,
+        row: SandboxRow,
+        details: dict[str, object],
+        outcome: Outcome = "ok",
+    ) -> AuditEvent:
+        return principal.audit_event(action, row.id, row.namespace_id, details, outcome)
 
 
 async def _get_row(session: AsyncSession, sandbox_id: str) -> SandboxRow:
