@@ -274,3 +274,30 @@ def test_a_stop_through_a_stale_handle_stops_the_current_incarnation(settings: S
         assert other.run("echo untouched").stdout == b"untouched\n"
     finally:
         other.stop()
+
+
+def test_a_dead_host_loses_its_sandboxes_and_the_pool_goes_on(settings: Settings) -> None:
+    from actors import remote
+
+    pool = _pool(settings, size_per_node=1, max_per_node=2, idle_s=600, max_incarnations=10)
+    try:
+        a, b = _create(pool, settings), _create(pool, settings)
+        host = a.actor.actor
+        assert b.actor.actor._actor_id == host._actor_id
+        poll_until(lambda: _stats(pool)["ready"] == 1, what="the floor's spare, in that host")
+        ray.kill(host)  # a crash: no stop
+        poll_until(lambda: _actor_dead(host._actor_id), what="the host gone")
+        assert asyncio.run(remote.dead_ids([a.id, b.id])) == {a.id, b.id}
+        for sandbox in (a, b):
+            with pytest.raises(SandboxStateError):
+                sandbox.run("true")
+        c = _create(pool, settings)  # the dead host's spare is dropped, a new host serves
+        try:
+            assert c.actor.actor._actor_id != host._actor_id
+            assert c.run("echo fine").stdout == b"fine\n"
+            assert _stats(pool)["hosts"] == 1
+        finally:
+            c.stop()
+    finally:
+        ray.get(pool.drain.remote())
+        ray.kill(pool)
