@@ -29,6 +29,8 @@ from typing import NoReturn
 
 from actors.isolation import protocol
 
+ANSWER_TIMEOUT_S = 5.0  # a fork takes milliseconds
+
 
 class Launched:
     """A launcher started by the fork server, seen through its pidfd: what the host needs of a
@@ -79,7 +81,7 @@ class ForkServer:
                 try:
                     protocol.send(sock, {"op": "spawn"}, list(fds))
                     reply, pidfds = protocol.recv(sock)
-                except OSError:
+                except OSError:  # TimeoutError among them
                     reply, pidfds = None, []
                 if reply is not None and len(pidfds) == 1:
                     return Launched(int(reply["pid"]), pidfds[0])
@@ -105,6 +107,9 @@ class ForkServer:
             env=self._env,
         )
         server.close()
+        # Its host waits for each answer on its event loop, which runs every other sandbox of
+        # the host too: a server that hangs (stopped, stuck) is replaced, not waited for.
+        host.settimeout(ANSWER_TIMEOUT_S)
         self._sock = host
         return host
 
@@ -114,7 +119,7 @@ class ForkServer:
             self._sock = None
         if self._server is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._server.wait(5)
+                self._server.wait(0.5)
             if self._server.poll() is None:
                 self._server.kill()
                 self._server.wait()

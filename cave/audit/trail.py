@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from cave.audit.event import AuditEvent
 from cave.audit.scrub import scrub
@@ -35,13 +36,21 @@ class AuditTrail:
         """
         return await self.record_many([event])
 
-    async def record_many(self, events: Sequence[AuditEvent], rows: Sequence[Base] = ()) -> int:
+    async def record_many(
+        self,
+        events: Sequence[AuditEvent],
+        rows: Sequence[Base] = (),
+        change: Callable[[AsyncSession], Awaitable[None]] | None = None,
+    ) -> int:
         """Store the events, and other rows that belong with them (an execution record), in one
-        transaction: a whole batch costs one commit. Returns the last event's db seq."""
+        transaction: a whole batch costs one commit. `change`: the action the events describe,
+        made in that same transaction (both or neither). Returns the last event's db seq."""
         events = [_storable(e) for e in events]
         if self.scrub_details:
             events = [self._scrubbed(e) for e in events]
         async with self.db.admin_session() as session:
+            if change is not None:
+                await change(session)
             session.add_all(rows)
             if self.db.backend == "postgresql":
                 await session.execute(_SEQ_LOCK)

@@ -272,13 +272,13 @@ class SandboxManager(SandboxOps):
                     row.id, limits, self.settings, node, reserved=True
                 )
         except CaveError as exc:
-            await self._set(row.id, state="failed", failure=str(exc))
             failed = self._event(principal, "sandbox.start", row, {"error": exc.code}, "error")
-            await self.audit.record_many([*before, failed])
+            change = self._setter(row.id, state="failed", failure=str(exc))
+            await self.audit.record_many([*before, failed], change=change)
             raise
         now = utcnow()
         expires = now + timedelta(seconds=row.ttl_s) if row.ttl_s else None
-        row = await self._set(
+        running = self._setter(
             row.id,
             state="running",
             node_id=info.node_id,
@@ -289,10 +289,11 @@ class SandboxManager(SandboxOps):
             failure=None,
             isolation=info.isolation.as_dict() if info.isolation else None,  # the actor's word
         )
-        self.live[row.id] = Live(row.namespace_id, actor)
         started = self._event(principal, "sandbox.start", row, {"node_id": info.node_id})
-        await self.audit.record_many([*before, started])
-        return row
+        # The new state and its audit events: one transaction, one commit.
+        await self.audit.record_many([*before, started], change=running)
+        self.live[row.id] = Live(row.namespace_id, actor)
+        return running.row
 
     async def _claim_start(self, row: SandboxRow, limits: SandboxLimits) -> bool:
         """Move the record to `starting`, False if another request got there first; a sandbox
@@ -460,11 +461,14 @@ class SandboxManager(SandboxOps):
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def _set(self, sandbox_id: str, **values: Any) -> SandboxRow:
+        setter = self._setter(sandbox_id, **values)
         async with self.db.admin_session() as session:
-            row = await _get_row(session, sandbox_id)
-            for field, value in values.items():
-                setattr(row, field, value)
-        return row
+            await setter(session)
+        return setter.row
+
+    @staticmethod
+    def _setter(sandbox_id: str, **values: Any) -> _Setter:
+        return _Setter(sandbox_id, values)
 
     async def _audit(
         self,
@@ -485,6 +489,19 @@ class SandboxManager(SandboxOps):
         outcome: Outcome = "ok",
     ) -> AuditEvent:
         return principal.audit_event(action, row.id, row.namespace_id, details, outcome)
+
+
+class _Setter:
+    """Sets fields of a sandbox's record in a caller's transaction; `row` is the record after."""
+
+    def __init__(self, sandbox_id: str, values: dict[str, Any]) -> None:
+        self.sandbox_id, self.values = sandbox_id, values
+        self.row: SandboxRow
+
+    async def __call__(self, session: AsyncSession) -> None:
+        self.row = await _get_row(session, self.sandbox_id)
+        for field, value in self.values.items():
+            setattr(self.row, field, value)
 
 
 async def _get_row(session: AsyncSession, sandbox_id: str) -> SandboxRow:

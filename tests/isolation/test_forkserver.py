@@ -92,3 +92,20 @@ async def test_the_server_ends_when_its_host_closes_it(backend: Backend) -> None
     server._stop()  # what the host's exit does: its end of the socket closes...
     assert popen.returncode == 0  # ...and the server exits by itself (not killed)
     assert not Path(f"/proc/{pid}").exists()
+
+
+@async_test
+async def test_a_hung_fork_server_is_replaced_not_waited_for(backend: Backend) -> None:
+    async with open_sandbox(backend) as first:
+        await assert_still_works(first)
+        old = _server_pid()
+        os.kill(old, signal.SIGSTOP)  # alive, but answers nothing
+        second = Sandbox(backend)
+        await second.prepare(LIMITS)
+        await second.start(LIMITS)
+        try:
+            await assert_still_works(second)
+            assert _server_pid() != old
+            assert not Path(f"/proc/{old}").exists()  # the hung one was ended
+        finally:
+            await second.stop()
