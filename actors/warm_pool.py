@@ -58,6 +58,7 @@ class _Host:
     spares: int = 0  # prepared (or being prepared) here for the ready queue
     running: int = 0  # started here and not stopped yet
     served: int = 0  # sandboxes started here over its life
+    up: bool = False  # its worker has started and answered
 
     @property
     def load(self) -> int:
@@ -113,21 +114,37 @@ class PoolService:
         return self._backend().isolation
 
     def _host(self) -> _Host:
-        """Where the next sandbox goes: the least loaded host that is not worn; a new one when
-        there is none, or when each holds SPREAD_AT and the node has fewer than
-        `hosts_per_node` (a few sandboxes share one worker; a burst spreads over several)."""
+        """Where the next sandbox goes: the least loaded host that is up and not worn. Once
+        each holds SPREAD_AT, the next host is started (up to `hosts_per_node`), in the
+        background: until it is up (a Ray worker start, most of a second), the sandboxes keep
+        going to the hosts that are, so that no create waits for it. Only a node with no host
+        up at all places into the one starting (its calls wait for it)."""
         fit = [h for h in self._hosts if h.served + h.spares < self.settings.max_incarnations]
-        best = min(fit, key=lambda h: h.load, default=None)
-        if best is not None and (
-            best.load < SPREAD_AT or len(self._hosts) >= self.settings.hosts_per_node
-        ):
-            return best
+        best = min((h for h in fit if h.up), key=lambda h: h.load, default=None)
+        crowded = best is None or (
+            best.load >= SPREAD_AT and len(self._hosts) < self.settings.hosts_per_node
+        )
+        starting = [h for h in fit if not h.up]
+        if crowded and not starting:
+            starting.append(self._start_host())
+        return best if best is not None else starting[0]
+
+    def _start_host(self) -> _Host:
         self.counts["hosts_started"] += 1
         options = {**pinned(self.node_id), "max_concurrency": MAX_CALLS}
         actor = cast(ActorHandle, SandboxActor.options(**options).remote(self.isolation, self._me))
         host = _Host(actor)
         self._hosts.append(host)
+        asyncio.ensure_future(self._bring_up(host))
         return host
+
+    async def _bring_up(self, host: _Host) -> None:
+        try:
+            await host.actor.__ray_ready__.remote()
+        except RayActorError:  # refused at its start (the node cannot isolate), or killed
+            self._lost(host)
+            return
+        host.up = True
 
     def _lost(self, host: _Host) -> None:
         """A host that died: its spares are gone (its sandboxes too: the directory learns that
