@@ -38,6 +38,7 @@ REPROBE_S = 30.0  # a node that refused to isolate is probed again after this (f
 TRIM_EVERY_S = 15.0  # how often an idle pool looks whether it holds more spares than wanted
 REFILL_AT_ONCE = 2  # spares the refill prepares at a time (a burst's creates come first)
 SPREAD_AT = 8  # sandboxes in each host before the pool starts another (up to hosts_per_node)
+STARTING_WEIGHT = 16  # what a host still starting counts as, in sandboxes, when placing
 SWEEP_EVERY_S = 1.0  # the janitor's sweep after claims, at most this often
 
 
@@ -114,20 +115,18 @@ class PoolService:
         return self._backend().isolation
 
     def _host(self) -> _Host:
-        """Where the next sandbox goes: the least loaded host that is up and not worn. Once
-        each holds SPREAD_AT, the next host is started (up to `hosts_per_node`), in the
-        background: until it is up (a Ray worker start, most of a second), the sandboxes keep
-        going to the hosts that are, so that no create waits for it. Only a node with no host
-        up at all places into the one starting (its calls wait for it)."""
+        """Where the next sandbox goes: the host with the least load that is not worn, where a
+        host still starting (a Ray worker start, most of a second) counts STARTING_WEIGHT more,
+        as if that many sandboxes were ahead in it. Once every host holds SPREAD_AT, another is
+        started (up to `hosts_per_node`). So a trickle of creates stays on the hosts that are
+        up while the next starts, and a burst spreads over the new ones too (one host's event
+        loop uses one core)."""
         fit = [h for h in self._hosts if h.served + h.spares < self.settings.max_incarnations]
-        best = min((h for h in fit if h.up), key=lambda h: h.load, default=None)
-        crowded = best is None or (
-            best.load >= SPREAD_AT and len(self._hosts) < self.settings.hosts_per_node
-        )
-        starting = [h for h in fit if not h.up]
-        if crowded and not starting:
-            starting.append(self._start_host())
-        return best if best is not None else starting[0]
+        least = min((h.load for h in fit), default=None)
+        room = len(self._hosts) < self.settings.hosts_per_node
+        if least is None or (least >= SPREAD_AT and room):
+            fit.append(self._start_host())
+        return min(fit, key=lambda h: (h.load + (0 if h.up else STARTING_WEIGHT), not h.up))
 
     def _start_host(self) -> _Host:
         self.counts["hosts_started"] += 1
