@@ -151,6 +151,8 @@ class PoolService:
         if host in self._hosts:
             self._hosts.remove(host)
             log.warning("a sandbox host on node %s died", self.node_id)
+            if host.up:  # one that never came up is not started again and again
+                self.keep_hosts()
         kept = [h for h in self._drain_queue() if h is not host]
         for h in kept:
             self._ready.put_nowait(h)
@@ -161,18 +163,31 @@ class PoolService:
             entries.append(self._ready.get_nowait())
         return entries
 
-    def _retire_if_done(self, host: _Host) -> None:
-        """End a host that holds nothing, when it is worn or the node is quiet again (demand
-        down to the floor); the last host stays while the floor wants spares."""
+    def _retire_if_done(self, host: _Host, draining: bool = False) -> None:
+        """End a host that holds nothing when it is worn (or the node drains); a worn one is
+        replaced at once, so that the node keeps its hosts up for the next burst."""
         if host.load or host not in self._hosts:
             return
-        worn = host.served >= self.settings.max_incarnations
-        quiet = self.target() <= self.size and (self.size == 0 or len(self._hosts) > 1)
-        if worn or quiet:
+        if draining or host.served >= self.settings.max_incarnations:
             self._hosts.remove(host)
             self.counts["hosts_retired"] += 1
             # Ended after the calls already sent to it (a stop's reply among them) have answered.
             host.actor.__ray_terminate__.remote()
+            if not draining:
+                self.keep_hosts()
+
+    def keep_hosts(self) -> None:
+        """Start hosts, in the background, up to `hosts_per_node` not worn: a burst then spreads
+        over hosts already up, and pays no worker start (half a second of CPU each)."""
+        if self.size == self.ceiling == 0:
+            return  # drained
+        try:
+            self._backend()
+        except IsolationUnavailableError:
+            return  # this node starts no sandbox, so no host either
+        fresh = [h for h in self._hosts if h.served < self.settings.max_incarnations]
+        for _ in range(self.settings.hosts_per_node - len(fresh)):
+            self._start_host()
 
     def target(self) -> int:
         """Spares wanted now: the creates of the last idle_s, between the floor and ceiling."""
@@ -318,8 +333,8 @@ class PoolService:
             await self._prepare_one()
 
     async def trim(self) -> int:
-        """Discard the spares above what demand wants now (the pool shrinks when idle), and end
-        the hosts left with nothing; how many spares."""
+        """Discard the spares above what demand wants now (the pool shrinks when idle); how
+        many. The hosts stay (an idle one costs its worker's memory and 7 ms/s of CPU)."""
         ended = 0
         while self._ready.qsize() > self.target():
             ended += 1
@@ -327,8 +342,6 @@ class PoolService:
                 await self._end_spare()
             except Exception:  # its sandbox's leftovers are the janitor's
                 log.warning("discarding a spare on node %s failed", self.node_id, exc_info=True)
-        for host in list(self._hosts):
-            self._retire_if_done(host)
         return ended
 
     async def _end_spare(self) -> None:
@@ -374,12 +387,12 @@ class PoolService:
         while not self._ready.empty():
             await self._end_spare()
         for host in list(self._hosts):
-            self._retire_if_done(host)
+            self._retire_if_done(host, draining=True)
 
 
 class _FillingPool(PoolService):
-    """As a Ray actor the pool starts filling at once, not at its first call, hears of its
-    hosts' stops, and trims itself when idle."""
+    """As a Ray actor the pool starts its hosts and fills at once, not at its first call,
+    hears of its hosts' stops, and trims itself when idle."""
 
     def __init__(
         self,
@@ -391,6 +404,7 @@ class _FillingPool(PoolService):
         super().__init__(node_id, isolation, defaults, settings)
         self._me = ray.get_runtime_context().current_actor
         self.refill()
+        self.keep_hosts()
         asyncio.get_running_loop().call_later(TRIM_EVERY_S, self._tick)
 
     def _tick(self) -> None:

@@ -31,7 +31,8 @@ def settings(cave_state_dir: Path) -> Settings:
 def _pool(settings: Settings, **pool: Any) -> Any:
     """A pool of its own on this node, so that its spares are the ones the test counts."""
     node = ray.get_runtime_context().get_node_id()
-    wanted = PoolSettings(**{**settings.pool.model_dump(), **pool})
+    # One host: every sandbox of the test shares it, as the tests of reuse need.
+    wanted = PoolSettings(**{**settings.pool.model_dump(), "hosts_per_node": 1, **pool})
     return WarmPool.options(
         name=f"test-pool-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE, **pinned(node)
     ).remote(node, settings.isolation, settings.defaults, wanted)
