@@ -198,8 +198,9 @@ class PoolSettings(BaseModel, frozen=True, extra="forbid"):
         "CAVE_POOL_HOSTS",
         ge=1,
         description=(
-            "Host actors per node that run its sandboxes (each a Ray worker, about 55 MiB); "
-            "more spread a node's sandboxes over more processes, so that one crash loses fewer"
+            "Host actors each node keeps up to run its sandboxes (each a Ray worker, about "
+            "55 MiB); more spread a node's sandboxes over more processes and cores, so that a "
+            "burst goes faster and one crash loses fewer"
         ),
     )
 
