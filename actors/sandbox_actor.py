@@ -98,7 +98,6 @@ class SandboxService:
         backend_for(isolation)  # a node that refuses to isolate refuses the host at its start
         self._pool = pool  # told of each stop, to prepare the next spare; None: no pool
         self._node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        self.incarnations = 0  # sandboxes started here
         self._standby: list[Sandbox] = []  # prepared, waiting for a start
         # By ticket: a random secret, so a lookup is its check (a dict compares hashes first,
         # and the ticket is no boundary against a Ray driver anyway: docs/security.md).
@@ -131,7 +130,6 @@ class SandboxService:
             raise
         hosted = _Hosted(sandbox_id, sandbox, time.time())
         self._running[ticket] = hosted
-        self.incarnations += 1
         isolation = sandbox.backend.isolation
         if isolation.degraded:  # loud on every sandbox, not once per process
             log.warning(
@@ -270,8 +268,7 @@ class SandboxService:
         await hosted.sandbox.stop()
         info = self._info(hosted)
         if self._pool is not None:
-            me = ray.get_runtime_context().current_actor
-            self._pool.recycle.remote(hosted.id, me, self.incarnations)
+            self._pool.recycle.remote(hosted.id)
         return info
 
     async def discard(self) -> bool:

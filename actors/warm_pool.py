@@ -320,7 +320,7 @@ class PoolService:
             asyncio.ensure_future(self.claims())  # forget the lost ones now and then
         return ref, info
 
-    async def recycle(self, sandbox_id: str, actor: ActorHandle, incarnations: int) -> None:
+    async def recycle(self, sandbox_id: str) -> None:
         """A host's report that a sandbox of this pool stopped (torn down, forgotten): while
         demand wants more spares than there are, one is prepared in its place."""
         claimed = self._claimed.pop(sandbox_id, None)

@@ -55,3 +55,18 @@ def stop_ray() -> None:
 
     stop_all()  # the pool's spares release their cgroups and directories
     ray.shutdown()
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found[int(entry.name)] = (int(stat[stat.rindex(")") + 2 :].split()[1]), cmd)
+    return found

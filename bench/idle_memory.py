@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from actors.sandboxes import create_sandbox, stop_sandbox
-from bench.common import bench_settings, start_ray, stop_ray
+from bench.common import bench_settings, process_table, start_ray, stop_ray
 
 COUNT = int(os.environ.get("CAVE_BENCH_IDLE", "100"))
 CPU_WINDOW_S = 10.0
@@ -26,26 +26,11 @@ def used_bytes() -> int:
     return kib("MemTotal") - kib("MemAvailable")
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        found[int(entry.name)] = (int(stat[stat.rindex(")") + 2 :].split()[1]), cmd)
-    return found
-
-
 def sandbox_processes() -> dict[int, str]:
     """The idle sandboxes' processes by kind: the hosts' Ray workers and their fork servers,
     each sandbox's keeper (the launcher that stays), its zygote (the sandbox's init) and
     anything below."""
-    procs = _processes()
+    procs = process_table()
     kinds: dict[int, str] = {}
     for pid, (_, cmd) in procs.items():
         if cmd.startswith("ray::SandboxService"):

@@ -12,11 +12,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import ray
 
 from actors.sandboxes import create_sandbox, stop_sandbox, warm_pool
-from bench.common import bench_settings, start_ray, stop_ray
+from bench.common import bench_settings, process_table, start_ray, stop_ray
 from config.settings import Settings
 
 CYCLES = int(os.environ.get("CAVE_BENCH_CYCLES", "1000"))
@@ -32,27 +33,10 @@ def cycle(settings: Settings, n: int) -> str:
     return slot
 
 
-def process_table() -> dict[int, tuple[int, bytes]]:
-    """pid -> (parent pid, command line)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            table[int(entry.name)] = (
-                int(stat[stat.rindex(")") + 2 :].split()[1]),
-                (entry / "cmdline").read_bytes(),
-            )
-        except OSError:
-            continue
-    return table
-
-
 def sandbox_processes() -> dict[str, int]:
     """The hosts' workers, their fork servers, and what those forked (keepers and zygotes)."""
     table = process_table()
-    hosts = {pid for pid, (_, cmd) in table.items() if cmd.startswith(b"ray::SandboxService")}
+    hosts = {pid for pid, (_, cmd) in table.items() if cmd.startswith("ray::SandboxService")}
     servers = {pid for pid, (parent, _) in table.items() if parent in hosts}
     keepers = {pid for pid, (parent, _) in table.items() if parent in servers}
     below = {pid for pid, (parent, _) in table.items() if parent in keepers}
@@ -75,6 +59,11 @@ def leftovers(settings: Settings, slots: set[str]) -> dict[str, int]:
     }
 
 
+def pool_stats(pool: ray.actor.ActorHandle) -> dict[str, int]:
+    stats: Any = ray.get(pool.stats.remote())  # Ray's stubs can't type a remote result
+    return dict(stats)
+
+
 def main() -> None:
     settings = bench_settings()
     start_ray()
@@ -86,7 +75,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     pool = warm_pool(ray.get_runtime_context().get_node_id(), settings)
     deadline = time.monotonic() + 60
-    while (stats := ray.get(pool.stats.remote()))["filling"] or stats["running"]:
+    while (stats := pool_stats(pool))["filling"] or stats["running"]:
         assert time.monotonic() < deadline, stats
         time.sleep(0.1)
     while (alive := sandbox_processes())["hosts"] != stats["hosts"]:  # retired ones ending

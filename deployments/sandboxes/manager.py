@@ -273,12 +273,12 @@ class SandboxManager(SandboxOps):
                 )
         except CaveError as exc:
             failed = self._event(principal, "sandbox.start", row, {"error": exc.code}, "error")
-            change = self._setter(row.id, state="failed", failure=str(exc))
+            change = _Setter(row.id, state="failed", failure=str(exc))
             await self.audit.record_many([*before, failed], change=change)
             raise
         now = utcnow()
         expires = now + timedelta(seconds=row.ttl_s) if row.ttl_s else None
-        running = self._setter(
+        running = _Setter(
             row.id,
             state="running",
             node_id=info.node_id,
@@ -461,14 +461,10 @@ class SandboxManager(SandboxOps):
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def _set(self, sandbox_id: str, **values: Any) -> SandboxRow:
-        setter = self._setter(sandbox_id, **values)
+        setter = _Setter(sandbox_id, **values)
         async with self.db.admin_session() as session:
             await setter(session)
         return setter.row
-
-    @staticmethod
-    def _setter(sandbox_id: str, **values: Any) -> _Setter:
-        return _Setter(sandbox_id, values)
 
     async def _audit(
         self,
@@ -494,7 +490,7 @@ class SandboxManager(SandboxOps):
 class _Setter:
     """Sets fields of a sandbox's record in a caller's transaction; `row` is the record after."""
 
-    def __init__(self, sandbox_id: str, values: dict[str, Any]) -> None:
+    def __init__(self, sandbox_id: str, **values: Any) -> None:
         self.sandbox_id, self.values = sandbox_id, values
         self.row: SandboxRow
 

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from actors.isolation import sandbox as sandbox_module
 from actors.isolation.backend import Backend
-from actors.isolation.sandbox import Sandbox
 from tests.isolation.conftest import (
-    LIMITS,
     assert_still_works,
     async_test,
     open_sandbox,
@@ -29,6 +27,13 @@ def _parent(pid: int) -> int:
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(entry.decode().split("=", 1) for entry in raw if b"=" in entry)
+
+
+def _sockets(pid: int) -> set[str]:
+    """The socket inodes among a process's open files."""
+    fds = Path(f"/proc/{pid}/fd")
+    links = {os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()}
+    return {link for link in links if link.startswith("socket:")}
 
 
 def _server_pid() -> int:
@@ -52,6 +57,9 @@ async def test_a_launcher_is_a_fork_of_the_server_with_a_clean_environment(
             assert b"actors.isolation.forkserver" in Path(f"/proc/{server}/cmdline").read_bytes()
             for pid in (server, launcher.pid):
                 assert set(_environ(pid)) == {"PATH", "PYTHONPATH"}
+            # Nothing a sandbox's processes hold reaches the server: what it forks keeps no end
+            # of the server's control socket (which could ask for launchers at will).
+            assert _sockets(server) and not _sockets(server) & _sockets(launcher.pid)
             out, _, _ = await run(sandbox, ["env"])
             assert b"must-not-reach" not in out
     finally:
@@ -71,14 +79,9 @@ async def test_a_dead_fork_server_is_replaced_and_running_sandboxes_go_on(
         dead = sandbox_module._fork_server()._server
         assert dead is not None and dead.wait(10) == -signal.SIGKILL
         await assert_still_works(first)  # its launcher does not depend on the server
-        second = Sandbox(backend)
-        await second.prepare(LIMITS)
-        await second.start(LIMITS)
-        try:
+        async with open_sandbox(backend) as second:
             await assert_still_works(second)
             assert _server_pid() != old
-        finally:
-            await second.stop()
 
 
 @async_test
@@ -100,12 +103,7 @@ async def test_a_hung_fork_server_is_replaced_not_waited_for(backend: Backend) -
         await assert_still_works(first)
         old = _server_pid()
         os.kill(old, signal.SIGSTOP)  # alive, but answers nothing
-        second = Sandbox(backend)
-        await second.prepare(LIMITS)
-        await second.start(LIMITS)
-        try:
+        async with open_sandbox(backend) as second:
             await assert_still_works(second)
             assert _server_pid() != old
             assert not Path(f"/proc/{old}").exists()  # the hung one was ended
-        finally:
-            await second.stop()
